@@ -1,0 +1,13 @@
+"""comfyui-gfcg: Gradient-Free Classifier Guidance (arXiv 2411.15393) for ComfyUI.
+
+ComfyUI loads this folder from ``custom_nodes/`` and calls ``comfy_entrypoint``; the node modules
+(which import ComfyUI) are imported only then, so ``import comfyui_gfcg`` works without ComfyUI.
+"""
+__version__ = "0.1.0"
+
+
+async def comfy_entrypoint():
+    """ComfyUI's V3 entry point: the pack's extension with its node list."""
+    from .nodes import GFCGExtension
+
+    return GFCGExtension()

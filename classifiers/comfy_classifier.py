@@ -1,0 +1,38 @@
+"""ComfyUI glue for classifiers: the models folder and the ModelPatcher that lets ComfyUI's model
+management load / offload the classifier together with the diffusion model."""
+from __future__ import annotations
+
+import os
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import folder_paths
+
+from .timm_classifier import WEIGHT_EXTENSIONS, ImageClassifier
+
+FOLDER_KEY = "gfcg_classifiers"
+
+
+def register_folder() -> None:
+    """``models/gfcg_classifiers`` (and ``models/classifiers``, whose built-in key lists only files
+    without an extension) under the pack's own key, for .safetensors / .pt / .pth files."""
+    if FOLDER_KEY in folder_paths.folder_names_and_paths:
+        return
+    paths = [os.path.join(folder_paths.models_dir, FOLDER_KEY), os.path.join(folder_paths.models_dir, "classifiers")]
+    folder_paths.folder_names_and_paths[FOLDER_KEY] = (paths, set(WEIGHT_EXTENSIONS))
+
+
+class ComfyClassifier:
+    """The value on a CLASSIFIER socket: the framework-free classifier and its ModelPatcher."""
+
+    def __init__(self, classifier: ImageClassifier):
+        self.classifier = classifier
+        self.patcher = comfy.model_patcher.ModelPatcher(classifier, load_device=mm.get_torch_device(),
+                                                        offload_device=mm.unet_offload_device())
+
+    @property
+    def class_names(self):
+        return self.classifier.class_names
+
+    def __repr__(self):
+        return f"ComfyClassifier({self.classifier.name!r}, {self.classifier.num_classes} classes)"

@@ -1,0 +1,320 @@
+"""The GFCG GUIDER for ComfyUI's sampler (imports ComfyUI; the math is in ``engine``/``core``).
+
+``GFCGGuider`` is a ``comfy.samplers.CFGGuider`` whose ``predict_noise`` hands each evaluation to
+:class:`~.engine.GFCGEngine`. The engine asks for branches; this module evaluates them:
+
+* all branches one model needs in one evaluation go through ONE forward when the conds are plain
+  (one entry each, no area/mask/ControlNet/hooks, no model wrappers): the rows of each branch
+  (the whole batch, or only the confused samples) are concatenated, as ComfyUI's own
+  ``calc_cond_batch`` does for equal-sized branches;
+* otherwise it falls back to ComfyUI's ``calc_cond_batch`` (one call per distinct row set).
+
+The guide model (autoguidance), the VAE and the classifier are attached as additional models, so
+ComfyUI loads them together with the main model; the guide model gets its own processed conds.
+The model's pre-/post-CFG hooks run around the combination, as ComfyUI's guiders do.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+import comfy.model_management
+import comfy.patcher_extension
+import comfy.sampler_helpers
+import comfy.samplers
+
+from .config import GFCGConfig, GFCGInputError
+from .engine import Branch, GFCGEngine
+from .references import LabelReference, TextReference, has_class_labels
+
+log = logging.getLogger("comfyui_gfcg")
+
+
+# ------------------------------------------------------------------------------------------------
+# row-subset conds and the fused forward
+# ------------------------------------------------------------------------------------------------
+
+def _rows_of_cond(c, rows: Optional[torch.Tensor], batch: int):
+    """A processed model cond (comfy.conds.CONDxxx) for ``rows`` of a ``batch``-sized evaluation:
+    per-sample tensors are indexed, not truncated (``repeat_to_batch_size`` would take the first rows)."""
+    p = c.process_cond(batch_size=batch, area=None)
+    if rows is None:
+        return p
+    v = p.cond
+    if torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == batch:
+        return p._copy_with(v[rows.to(v.device)])
+    if isinstance(v, list) and all(torch.is_tensor(t) and t.shape[0] == batch for t in v):
+        return p._copy_with([t[rows.to(t.device)] for t in v])
+    return p
+
+
+_PLAIN_BLOCKERS = ("area", "mask", "control", "gligen", "hooks", "default")
+
+
+def _plain(cond_list) -> bool:
+    return cond_list is not None and len(cond_list) == 1 and not any(k in cond_list[0] for k in _PLAIN_BLOCKERS)
+
+
+def _in_time_range(cond: dict, t: torch.Tensor) -> bool:
+    if "timestep_start" in cond and t[0] > cond["timestep_start"]:
+        return False
+    if "timestep_end" in cond and t[0] < cond["timestep_end"]:
+        return False
+    return True
+
+
+def _fusable(model, entries, t, model_options) -> bool:
+    if "model_function_wrapper" in model_options or model_options.get("context_handler") is not None:
+        return False
+    topts = model_options.get("transformer_options", {})
+    if topts.get("patches") or topts.get("patches_replace"):
+        return False  # attention patches split the batch into equal chunks
+    if comfy.patcher_extension.get_all_wrappers(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, model_options,
+                                                 is_model_options=True):
+        return False
+    if not all(_plain(c) and _in_time_range(c[0], t) for c, _, _ in entries):
+        return False
+    first = {k: v.process_cond(batch_size=1, area=None) for k, v in entries[0][0][0]["model_conds"].items()}
+    for c, _, _ in entries[1:]:
+        other = {k: v.process_cond(batch_size=1, area=None) for k, v in c[0]["model_conds"].items()}
+        if first.keys() != other.keys() or not all(first[k].can_concat(other[k]) for k in first):
+            return False
+    return True
+
+
+def batched_forward(model, entries: Sequence[Tuple[list, Optional[torch.Tensor], int]], x: torch.Tensor,
+                    t: torch.Tensor, model_options: dict) -> List[torch.Tensor]:
+    """Denoised predictions for ``entries`` = [(cond_list, rows or None, cond_or_uncond)], each on
+    ``x[rows]``. One model forward when the conds allow it, else ComfyUI's ``calc_cond_batch``."""
+    b = x.shape[0]
+    sizes = [b if rows is None else int(rows.numel()) for _, rows, _ in entries]
+    if len(entries) > 1 and _fusable(model, entries, t, model_options):
+        shape = [sum(sizes)] + list(x.shape[1:])
+        free = comfy.model_management.get_free_memory(x.device)
+        if model.memory_required(shape) * 1.5 < free:
+            return _fused(model, entries, sizes, x, t, model_options)
+    # fallback: whole-batch entries in one calc_cond_batch call, then one call per row subset
+    outs: List[Optional[torch.Tensor]] = [None] * len(entries)
+    whole = [i for i, (_, rows, _) in enumerate(entries) if rows is None]
+    if whole:
+        res = comfy.samplers.calc_cond_batch(model, [entries[i][0] for i in whole], x, t, model_options)
+        for i, r in zip(whole, res):
+            outs[i] = r
+    for i, (cond_list, rows, _) in enumerate(entries):
+        if rows is not None:
+            sub = [_slice_cond_entry(c, rows, b) for c in cond_list]
+            outs[i] = comfy.samplers.calc_cond_batch(model, [sub], x[rows], t[rows], model_options)[0]
+    return outs
+
+
+def _slice_cond_entry(c: dict, rows: torch.Tensor, batch: int) -> dict:
+    out = dict(c)
+    out["model_conds"] = {k: _rows_of_cond(v, rows, batch) for k, v in c["model_conds"].items()}
+    m = c.get("mask")
+    if torch.is_tensor(m) and m.shape[0] == batch and batch > 1:
+        out["mask"] = m[rows.to(m.device)]
+    return out
+
+
+def _fused(model, entries, sizes, x, t, model_options) -> List[torch.Tensor]:
+    b = x.shape[0]
+    inputs, conds, ts, cou, uuids = [], [], [], [], []
+    for (cond_list, rows, which), n in zip(entries, sizes):
+        c = cond_list[0]
+        inputs.append(x if rows is None else x[rows])
+        ts.append(t if rows is None else t[rows])
+        conds.append({k: _rows_of_cond(v, rows, b) for k, v in c["model_conds"].items()})
+        cou.append(which)
+        uuids.append(c.get("uuid"))
+    model.current_patcher.prepare_state(t)
+    topts = model.current_patcher.apply_hooks(hooks=None)
+    if "transformer_options" in model_options:
+        topts = comfy.patcher_extension.merge_nested_dicts(topts, model_options["transformer_options"], copy_dict1=False)
+    topts["cond_or_uncond"] = cou
+    topts["uuids"] = uuids
+    topts["sigmas"] = t
+    c = comfy.samplers.cond_cat(conds)
+    c["transformer_options"] = topts
+    out = model.apply_model(torch.cat(inputs), torch.cat(ts), **c)
+    return list(out.split(sizes))
+
+
+# ------------------------------------------------------------------------------------------------
+# the guider
+# ------------------------------------------------------------------------------------------------
+
+class PixelDecoder:
+    """x0 (model space) -> RGB in [0, 1], [B, 3, H, W], on the device it is computed on.
+
+    Latent models decode with the VAE's own decoder module (already loaded with the main model),
+    skipping ``VAE.decode``'s round trip to the intermediate device; pixel-space models only map
+    [-1, 1] -> [0, 1]."""
+
+    def __init__(self, vae=None):
+        self.vae = vae
+
+    def __call__(self, model, x0: torch.Tensor) -> torch.Tensor:
+        z = model.process_latent_out(x0)
+        vae = self.vae
+        if vae is None or getattr(vae, "latent_channels", None) == 3 and getattr(vae, "downscale_ratio", 8) == 1:
+            if z.shape[1] != 3:
+                raise ValueError(f"vae: the model makes {z.shape[1]}-channel latents, so a VAE is needed to show "
+                                 "them to the classifier; connect the model's VAE")
+            return ((z.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+        if vae.latent_channels != z.shape[1]:
+            raise ValueError(f"vae: this VAE decodes {vae.latent_channels}-channel latents but the model makes "
+                             f"{z.shape[1]}-channel ones; connect the VAE that belongs to the model")
+        img = vae.first_stage_model.decode(z.to(device=vae.device, dtype=vae.vae_dtype))
+        return vae.process_output(img.float())
+
+
+def make_reference(positive, class_names, clip=None, prompt_template: str = "a photo of a {}"):
+    """Reference conditioning source: text through ``clip`` when given, else the class label
+    carried by ``positive`` (class-label models)."""
+    if clip is not None:
+        return TextReference(clip, prompt_template, class_names)
+    if has_class_labels(positive):
+        ref = LabelReference(positive)
+        if ref.num_labels != len(class_names):
+            raise GFCGInputError(f"classifier: it has {len(class_names)} classes but the model's class labels have "
+                                 f"{ref.num_labels}; the classifier must classify the model's own classes")
+        return ref
+    raise GFCGInputError("clip: the positive conditioning carries no class label, so the reference conditioning "
+                         "must be built from text; connect the model's CLIP")
+
+
+class GFCGGuider(comfy.samplers.CFGGuider):
+    """GFCG alone, or stacked with CFG (negative conditioning) or autoguidance (guide model)."""
+
+    def __init__(self, model_patcher, config: GFCGConfig, classifier, positive, vae=None, clip=None,
+                 prompt_template: str = "a photo of a {}", combine: str = "none", mode: str = "additive",
+                 scale: float = 1.0, negative=None, guide_patcher=None):
+        if not 0 <= config.desired_class < classifier.classifier.num_classes:
+            raise GFCGInputError(f"desired_class: index {config.desired_class} is out of range for "
+                                 f"{classifier.classifier.num_classes} classes")
+        if combine == "cfg" and negative is None:
+            raise GFCGInputError("negative: stacking with CFG needs the negative conditioning")
+        if combine == "atg" and guide_patcher is None:
+            raise GFCGInputError("guide_model: stacking with autoguidance needs a guide model")
+        self.recipe = dict(model_patcher=model_patcher, config=config, classifier=classifier, positive=positive,
+                           vae=vae, clip=clip, prompt_template=prompt_template)
+        mp = model_patcher.clone()
+        extra = [classifier.patcher]
+        if vae is not None and getattr(vae, "patcher", None) is not None:
+            extra.append(vae.patcher)
+        if guide_patcher is not None:
+            if guide_patcher.is_clone(model_patcher):
+                raise GFCGInputError("guide_model: it is the same network as the main model; autoguidance needs a "
+                                     "separate, weaker model (e.g. EDM2 xs for s)")
+            extra.append(guide_patcher)
+        mp.set_additional_models("gfcg", extra)
+        super().__init__(mp)
+        self.engine = GFCGEngine(config, combine=combine, mode=mode, scale=float(scale))
+        self.classifier = classifier
+        self.reference = make_reference(positive, classifier.class_names, clip, prompt_template)
+        self.decoder = PixelDecoder(vae)
+        self.guide_patcher = guide_patcher
+        self.cfg = float(scale) if combine == "cfg" else 1.0
+        self.set_conds(positive, negative if combine == "cfg" else None)
+
+    def combined(self, combine: str, mode: str, scale: float, negative=None, guide_patcher=None) -> "GFCGGuider":
+        """A new guider with the same GFCG settings stacked on CFG or autoguidance (inputs stay untouched)."""
+        return GFCGGuider(**self.recipe, combine=combine, mode=mode, scale=scale, negative=negative,
+                          guide_patcher=guide_patcher)
+
+    # -- conds
+    def set_conds(self, positive, negative=None):
+        conds = {"positive": positive}
+        if negative is not None:
+            conds["negative"] = negative
+        self.inner_set_conds(conds)
+
+    def _process(self, model, raw) -> list:
+        run = self._run
+        conds = {"positive": comfy.sampler_helpers.convert_cond(raw)}
+        return comfy.samplers.process_conds(model, run["noise"], conds, run["device"], run["latent"],
+                                            run["denoise_mask"], run["seed"])["positive"]
+
+    def _reference_cond(self, which: str, k: int) -> list:
+        key = (which, int(k))
+        if key not in self._ref_cache:
+            if which == "main":
+                self._ref_cache[key] = self._process(self.inner_model, self.reference(int(k)))
+            else:
+                self._ref_cache[key] = self._process(self.guide_patcher.model, self.reference(int(k)))
+        return self._ref_cache[key]
+
+    # -- sampling
+    def inner_sample(self, noise, latent_image, device, sampler, sigmas, denoise_mask, callback, disable_pbar, seed):
+        latent = latent_image
+        if latent is not None and torch.count_nonzero(latent) > 0:
+            latent = self.inner_model.process_latent_in(latent)
+        self._run = {"noise": noise, "device": device, "latent": latent, "denoise_mask": denoise_mask, "seed": seed}
+        self._ref_cache: Dict[Tuple[str, int], list] = {}
+        if self.guide_patcher is not None:
+            g = self.guide_patcher
+            gconds = {"positive": [c.copy() for c in self.original_conds["positive"]]}
+            self.guide_conds = comfy.samplers.process_conds(g.model, noise, gconds, device, latent, denoise_mask, seed)
+            g.pre_run()
+        self.engine.begin(sigmas, seed)
+        return super().inner_sample(noise, latent_image, device, sampler, sigmas, denoise_mask, callback, disable_pbar, seed)
+
+    def _evaluate(self, which: str, model, conds: Dict[str, list], x, t, model_options,
+                  branches: List[Branch]) -> List[torch.Tensor]:
+        entries, slots = [], []
+        for bi, br in enumerate(branches):
+            if br.cond != "reference":
+                entries.append((conds[br.cond], br.rows, 1 if br.cond == "negative" else 0))
+                slots.append((bi, None))
+                continue
+            for k in torch.unique(br.classes).tolist():   # one entry per reference class
+                sel = (br.classes == k).nonzero().squeeze(1)
+                entries.append((self._reference_cond(which, k), br.rows[sel], 0))
+                slots.append((bi, sel))
+        outs = batched_forward(model, entries, x, t, model_options)
+        result: List[Optional[torch.Tensor]] = [None] * len(branches)
+        for (bi, sel), o in zip(slots, outs):
+            if sel is None:
+                result[bi] = o
+            else:
+                if result[bi] is None:
+                    result[bi] = o.new_empty((int(branches[bi].rows.numel()),) + tuple(o.shape[1:]))
+                result[bi][sel] = o
+        return result
+
+    def _classify(self, x0: torch.Tensor) -> torch.Tensor:
+        pixels = self.decoder(self.inner_model, x0)
+        module = self.classifier.classifier
+        dev = next(module.parameters()).device
+        return module(pixels if pixels.device == dev else pixels.to(dev))
+
+    def predict_noise(self, x, timestep, model_options={}, seed=None):
+        conds = self.conds
+        positive, negative = conds.get("positive"), conds.get("negative")
+
+        def main(branches):
+            return self._evaluate("main", self.inner_model, conds, x, timestep, model_options, branches)
+
+        def guide(branches):
+            return self._evaluate("guide", self.guide_patcher.model, self.guide_conds, x, timestep, model_options,
+                                  branches)
+
+        def pre_cfg(d1, uncond):
+            fns = model_options.get("sampler_pre_cfg_function", [])
+            out = [d1, uncond]
+            for fn in fns:
+                out = fn({"conds": [positive, negative], "conds_out": out, "cond_scale": self.cfg,
+                          "timestep": timestep, "input": x, "sigma": timestep, "model": self.inner_model,
+                          "model_options": model_options})
+            return out[0], out[1]
+
+        res = self.engine.denoise(x, float(timestep.flatten()[0]), main, self._classify,
+                                  guide if self.guide_patcher is not None else None, pre_cfg)
+        denoised = res.denoised
+        for fn in model_options.get("sampler_post_cfg_function", []):
+            denoised = fn({"denoised": denoised, "cond": positive, "uncond": negative, "cond_scale": res.scale,
+                           "model": self.inner_model, "uncond_denoised": res.uncond, "cond_denoised": res.cond,
+                           "sigma": timestep, "model_options": model_options, "input": x})
+        return denoised

@@ -1,0 +1,167 @@
+"""GFCG core: the per-sample decision and the guidance combinations, in plain PyTorch.
+
+Nothing here imports ComfyUI. Notation (see ``../shared/reference/gfcg-spec.md`` and the README):
+
+* ``D1 = D(x; sigma, c_des)`` -- the model's denoised estimate for the desired class.
+* ``p = softmax(logits(x0_hat) / T)`` over the classifier's ``K`` classes, ``p_des = p[c_des]``.
+* A sample is *confused* when ``p_des < tau``; only confused samples get a reference branch.
+
+Each formula lives in exactly one function below, with its equation in the docstring. Which parts
+are the paper's and which are this project's reading is stated in the README ("The formulas").
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+REFERENCE_MODES = ("deterministic", "stochastic", "fixed")
+
+
+# --------------------------------------------------------------------------------------------
+# The decision
+# --------------------------------------------------------------------------------------------
+
+def class_probabilities(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """p = softmax(logits / T), over the last dimension, computed in float32."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return torch.softmax(logits.float() / temperature, dim=-1)
+
+
+def confused_mask(p_des: torch.Tensor, tau: float) -> torch.Tensor:
+    """A sample is confused iff p_des < tau (so tau = 0 never guides, tau = 1 guides unless p_des = 1)."""
+    return p_des < tau
+
+
+def gfcg_scale(p_des: torch.Tensor, tau: float, alpha: float, beta: float) -> torch.Tensor:
+    """omega = 1 + alpha * (1 - p_des / tau) ** beta   for p_des < tau, else 1.
+
+    0 extra guidance at the threshold, growing to alpha as p_des -> 0 (beta shapes the ramp).
+    """
+    omega = torch.ones_like(p_des, dtype=torch.float32)
+    conf = confused_mask(p_des, tau)
+    if conf.any():
+        ratio = (1.0 - p_des[conf].float() / tau).clamp(min=0.0)
+        omega[conf] = 1.0 + alpha * ratio.pow(beta)
+    return omega
+
+
+def deterministic_reference(probs: torch.Tensor, desired: torch.Tensor) -> torch.Tensor:
+    """c_ref = argmax_{k != c_des} p_k  (per sample)."""
+    masked = probs.clone()
+    masked.scatter_(1, desired.view(-1, 1), float("-inf"))
+    return masked.argmax(dim=1)
+
+
+def stochastic_reference(probs: torch.Tensor, desired: torch.Tensor,
+                         generator: Optional[torch.Generator]) -> torch.Tensor:
+    """c_ref ~ p_k / (1 - p_des) over k != c_des, drawn with ``generator`` (seeded from the sampling seed)."""
+    weights = probs.float().clone()
+    weights.scatter_(1, desired.view(-1, 1), 0.0)
+    total = weights.sum(dim=1, keepdim=True)
+    # A row whose other classes all underflowed to 0 falls back to a uniform draw over k != c_des.
+    empty = total.squeeze(1) <= 0
+    if empty.any():
+        weights[empty] = 1.0
+        weights[empty] = weights[empty].scatter(1, desired[empty].view(-1, 1), 0.0)
+    return torch.multinomial(weights, 1, generator=generator).squeeze(1)
+
+
+@dataclass
+class Decision:
+    """One classifier decision for a batch: per-sample scale, reference class and the p_des seen."""
+
+    omega: torch.Tensor       # [B] float32, 1 for confident samples
+    reference: torch.Tensor   # [B] long, meaningful where ``confused``
+    confused: torch.Tensor    # [B] bool
+    p_des: torch.Tensor       # [B] float32
+
+    @classmethod
+    def neutral(cls, batch: int, device=None) -> "Decision":
+        """No guidance for anybody (outside the window, or before the first decision)."""
+        return cls(omega=torch.ones(batch, device=device), reference=torch.zeros(batch, dtype=torch.long, device=device),
+                   confused=torch.zeros(batch, dtype=torch.bool, device=device), p_des=torch.ones(batch, device=device))
+
+    @property
+    def any_confused(self) -> bool:
+        return bool(self.confused.any())
+
+
+def decide(probs: torch.Tensor, desired: torch.Tensor, tau: float, alpha: float, beta: float,
+           mode: str = "deterministic", fixed_reference: Optional[int] = None,
+           generator: Optional[torch.Generator] = None) -> Decision:
+    """The per-sample GFCG decision from class probabilities ``probs`` [B, K].
+
+    confident (p_des >= tau): omega = 1, no reference branch;
+    confused  (p_des <  tau): omega = ``gfcg_scale``, c_ref from ``mode``:
+    deterministic (``deterministic_reference``), stochastic (``stochastic_reference``) or fixed
+    (the user's class; the tau test and omega still apply).
+    """
+    if mode not in REFERENCE_MODES:
+        raise ValueError(f"reference mode must be one of {REFERENCE_MODES}, got {mode!r}")
+    desired = desired.to(device=probs.device, dtype=torch.long)
+    p_des = probs.gather(1, desired.view(-1, 1)).squeeze(1).float()
+    confused = confused_mask(p_des, tau)
+    omega = gfcg_scale(p_des, tau, alpha, beta)
+    reference = torch.zeros_like(desired)
+    if confused.any():
+        if mode == "fixed":
+            if fixed_reference is None:
+                raise ValueError("reference mode 'fixed' needs a fixed reference class")
+            reference[confused] = int(fixed_reference)
+        elif mode == "stochastic":
+            reference[confused] = stochastic_reference(probs[confused], desired[confused], generator)
+        else:
+            reference[confused] = deterministic_reference(probs[confused], desired[confused])
+    return Decision(omega=omega, reference=reference, confused=confused, p_des=p_des)
+
+
+# --------------------------------------------------------------------------------------------
+# The combinations (in denoised space; omega, w are per sample, broadcast over C, H, W)
+# --------------------------------------------------------------------------------------------
+
+def _per_sample(v, like: torch.Tensor) -> torch.Tensor:
+    if not torch.is_tensor(v):
+        return torch.as_tensor(float(v), dtype=like.dtype, device=like.device)
+    return v.to(dtype=like.dtype, device=like.device).view(-1, *([1] * (like.ndim - 1)))
+
+
+def guidance_term(d1: torch.Tensor, d_other: torch.Tensor, scale) -> torch.Tensor:
+    """(s - 1) * (D1 - D_other): the push of D1 away from D_other with strength s (s = 1: none)."""
+    return (_per_sample(scale, d1) - 1.0) * (d1 - d_other)
+
+
+def combine_gfcg(d1: torch.Tensor, d_ref: torch.Tensor, omega) -> torch.Tensor:
+    """GFCG alone:  D = D1 + (omega - 1) * (D1 - D_ref)."""
+    return d1 + guidance_term(d1, d_ref, omega)
+
+
+def cfg(d1: torch.Tensor, d_neg: torch.Tensor, w) -> torch.Tensor:
+    """CFG, written as ComfyUI writes it:  D = D_neg + (D1 - D_neg) * w  ( = D1 + (w - 1)(D1 - D_neg) )."""
+    return d_neg + (d1 - d_neg) * _per_sample(w, d1)
+
+
+def combine_additive(base: torch.Tensor, d1: torch.Tensor, d_ref: torch.Tensor, omega) -> torch.Tensor:
+    """Additive stacking on a base guidance result (CFG or autoguidance):
+
+    D = base + (omega - 1) * (D1 - D_ref), with base = D1 + (w - 1)(D1 - D_neg)  (GFCG + CFG)
+    or base = D1 + (w - 1)(D1 - G(c_des))  (GFCG + ATG).
+    """
+    return base + guidance_term(d1, d_ref, omega)
+
+
+def swap_scale(w: float, omega: torch.Tensor) -> torch.Tensor:
+    """Scale of a swapped branch (our choice):  w' = w + (omega - 1).
+
+    A confused sample's negative (CFG) or guide (ATG) branch is replaced by its reference branch
+    and it keeps the base strength plus the GFCG strength: w' = w exactly at the threshold
+    (omega = 1), so the total strength is continuous in p_des; only the direction changes.
+    """
+    return w + (omega - 1.0)
+
+
+def swapped_scales(w: float, decision: Decision) -> torch.Tensor:
+    """Per-sample scale for a swap mode: w for confident samples, ``swap_scale`` for confused ones."""
+    return torch.where(decision.confused, swap_scale(w, decision.omega), torch.full_like(decision.omega, float(w)))

@@ -1,0 +1,228 @@
+"""The GFCG step logic, shared by the ComfyUI guider and the headless sampler.
+
+``GFCGEngine.denoise`` turns one sampler evaluation ``(x, sigma)`` into the guided denoised
+estimate. It does not know how models are called: it asks ``evaluate_main`` / ``evaluate_guide``
+for a list of :class:`Branch` requests (which conditioning, on which rows of the batch) and
+``classify`` for logits of a denoised estimate. The caller batches each list into one forward.
+
+Branches per evaluation (B = batch, R = confused rows, C = confident rows):
+
+=================  ===============================  =======================
+combine / mode     main model                       guide model
+=================  ===============================  =======================
+none               D1[B] + D_ref[R]                 --
+cfg additive       D1[B] + D_neg[B] + D_ref[R]      --
+cfg swap           D1[B] + D_neg[C] + D_ref[R]      --
+atg additive       D1[B] + D_ref[R]                 G(c_des)[B]
+atg swap           D1[B]                            G(c_des)[C] + G(c_ref)[R]
+=================  ===============================  =======================
+
+On a step where the classifier must look at the *current* D1, the main model runs twice (D1 and
+the negative first, then the reference rows once the decision is known); with
+``classify_input = "previous"`` it classifies the previous evaluation's guided estimate and every
+evaluation is one forward per model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+from . import core
+from .config import GFCGConfig
+from .schedule import GFCGSchedule
+
+COMBINES = ("none", "cfg", "atg")
+MODES = ("additive", "swap")
+
+
+@dataclass
+class Branch:
+    """One requested prediction: ``cond`` in {"positive", "negative", "reference"} on ``rows``
+    (None = the whole batch); for "reference", ``classes`` gives each row's class."""
+
+    cond: str
+    rows: Optional[torch.Tensor] = None
+    classes: Optional[torch.Tensor] = None
+
+
+Evaluate = Callable[[List[Branch]], List[torch.Tensor]]
+
+
+@dataclass
+class StepResult:
+    denoised: torch.Tensor        # the guided estimate
+    cond: torch.Tensor            # D1
+    uncond: torch.Tensor          # the branch D1 was pushed away from (per sample), for post-CFG hooks
+    scale: float                  # the nominal scale (w, or 1 for GFCG alone)
+
+
+@dataclass
+class TraceEntry:
+    step: int
+    sigma: float
+    p_des: List[float]
+    omega: List[float]
+    reference: List[int]          # -1 where the sample was confident
+
+
+@dataclass
+class GFCGEngine:
+    config: GFCGConfig
+    combine: str = "none"
+    mode: str = "additive"
+    scale: float = 1.0            # w: the CFG scale or the autoguidance weight
+    skip_unit_negative: bool = True   # like ComfyUI: cfg == 1 skips the negative branch
+    schedule: GFCGSchedule = field(init=False)
+    trace: List[TraceEntry] = field(default_factory=list)
+    _generator: Optional[torch.Generator] = field(default=None, init=False)
+    _seed: int = field(default=0, init=False)
+    _previous: Optional[torch.Tensor] = field(default=None, init=False)
+
+    def __post_init__(self):
+        if self.combine not in COMBINES:
+            raise ValueError(f"combine must be one of {COMBINES}, got {self.combine!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        c = self.config
+        self.schedule = GFCGSchedule(c.window_start, c.window_end, c.period)
+
+    # ---------------------------------------------------------------- run state
+    def begin(self, sigmas, seed: Optional[int] = None) -> None:
+        """Start a sampling run: reset decisions, trace and the stochastic generator."""
+        self.schedule.begin(sigmas)
+        self.trace = []
+        self._seed = int(seed) if seed is not None else 0
+        self._generator = None
+        self._previous = None
+
+    def _rng(self, device) -> torch.Generator:
+        if self._generator is None or self._generator.device != torch.device(device):
+            self._generator = torch.Generator(device=device)
+            self._generator.manual_seed(self._seed)
+        return self._generator
+
+    def _decide(self, step: int, sigma: float, logits: torch.Tensor) -> core.Decision:
+        c = self.config
+        probs = core.class_probabilities(logits, c.temperature)
+        if not 0 <= c.desired_class < probs.shape[1]:
+            raise ValueError(f"desired_class index {c.desired_class} is outside the classifier's 0..{probs.shape[1] - 1}")
+        desired = torch.full((probs.shape[0],), c.desired_class, dtype=torch.long, device=probs.device)
+        gen = self._rng(probs.device) if c.reference_mode == "stochastic" else None
+        d = core.decide(probs, desired, c.tau, c.alpha, c.beta, c.reference_mode, c.fixed_reference, gen)
+        self.schedule.record(step, d)
+        self.trace.append(TraceEntry(step, sigma, d.p_des.tolist(), d.omega.tolist(),
+                                     torch.where(d.confused, d.reference, -1).tolist()))
+        return d
+
+    # ---------------------------------------------------------------- one evaluation
+    def denoise(self, x: torch.Tensor, sigma: float, evaluate_main: Evaluate,
+                classify: Callable[[torch.Tensor], torch.Tensor],
+                evaluate_guide: Optional[Evaluate] = None,
+                pre_cfg: Optional[Callable[[torch.Tensor, torch.Tensor], Sequence[torch.Tensor]]] = None) -> StepResult:
+        """The guided denoised estimate for one sampler evaluation at noise level ``sigma``."""
+        if self.combine == "atg" and evaluate_guide is None:
+            raise ValueError("autoguidance needs a guide model")
+        b = x.shape[0]
+        step = self.schedule.step_of(float(sigma))
+        must = self.schedule.must_classify(step)
+        if must and self.config.classify_input == "previous" and self._previous is not None:
+            self._decide(step, float(sigma), classify(self._previous))
+            must = False
+
+        decision = None if must else self.schedule.current(step)
+        use_neg = self.combine == "cfg" and not (self.skip_unit_negative and self.scale == 1.0)
+
+        # --- main model, first (and usually only) forward
+        requests = [Branch("positive")]
+        if use_neg:
+            if self.mode == "swap" and decision is not None and decision.any_confused:
+                requests.append(Branch("negative", rows=(~decision.confused).nonzero().squeeze(1)))
+            else:
+                requests.append(Branch("negative"))
+        wants_ref = not (self.combine == "atg" and self.mode == "swap")
+        if wants_ref and decision is not None and decision.any_confused:
+            requests.append(self._reference_branch(decision))
+        outs = evaluate_main(requests)
+        d1 = outs[0]
+        got = {r.cond: o for r, o in zip(requests, outs)}
+
+        if must:  # paper order: D1 -> classify -> D_ref
+            decision = self._decide(step, float(sigma), classify(d1))
+            if wants_ref and decision.any_confused:
+                got["reference"] = evaluate_main([self._reference_branch(decision)])[0]
+        if decision is None:
+            decision = core.Decision.neutral(b, device=x.device)
+
+        # --- guide model: one forward
+        guide = None
+        if self.combine == "atg":
+            if self.mode == "swap" and decision.any_confused:
+                conf = decision.confused.nonzero().squeeze(1)
+                rest = (~decision.confused).nonzero().squeeze(1)
+                gre = [Branch("positive", rows=rest)] if rest.numel() else []
+                gre.append(Branch("reference", rows=conf, classes=decision.reference[conf]))
+                gout = evaluate_guide(gre)
+                guide = d1.new_empty(d1.shape)
+                if rest.numel():
+                    guide[rest] = gout[0]
+                guide[conf] = gout[-1]
+            else:
+                guide = evaluate_guide([Branch("positive")])[0]
+
+        result = self._combine(d1, got, guide, decision, pre_cfg)
+        self._previous = result.denoised
+        return result
+
+    def _reference_branch(self, decision: core.Decision) -> Branch:
+        rows = decision.confused.nonzero().squeeze(1)
+        return Branch("reference", rows=rows, classes=decision.reference[rows])
+
+    def _combine(self, d1, got, guide, decision: core.Decision, pre_cfg) -> StepResult:
+        conf = decision.confused
+        anyc = decision.any_confused
+        w = self.scale
+
+        if self.combine == "none":
+            uncond = d1
+            if anyc:
+                uncond = d1.clone()
+                uncond[conf] = got["reference"]
+            if pre_cfg is not None:
+                d1, uncond = pre_cfg(d1, uncond)
+            out = d1
+            if anyc:
+                out = d1.clone()
+                out[conf] = core.combine_gfcg(d1[conf], uncond[conf], decision.omega[conf])
+            return StepResult(out, d1, uncond, 1.0)
+
+        if self.combine == "cfg":
+            neg = got.get("negative")
+            if neg is None:                      # cfg == 1: the negative branch was skipped
+                base_uncond = d1
+            elif neg.shape[0] == d1.shape[0]:
+                base_uncond = neg
+            else:                                # swap: the negative ran on the confident rows only
+                base_uncond = d1.new_empty(d1.shape)
+                base_uncond[~conf] = neg
+        else:
+            base_uncond = guide                  # already holds G(c_ref) on confused rows in swap mode
+
+        swap = self.mode == "swap" and anyc
+        if swap and self.combine == "cfg":
+            if base_uncond is d1 or base_uncond is got.get("negative"):
+                base_uncond = base_uncond.clone()
+            base_uncond[conf] = got["reference"]
+
+        if pre_cfg is not None:
+            d1, base_uncond = pre_cfg(d1, base_uncond)
+
+        if swap:
+            out = core.cfg(d1, base_uncond, core.swapped_scales(w, decision))
+        else:
+            out = core.cfg(d1, base_uncond, w) if base_uncond is not d1 else d1
+            if anyc:                             # additive GFCG term on the confused rows
+                out = out.clone()
+                out[conf] = core.combine_additive(out[conf], d1[conf], got["reference"], decision.omega[conf])
+        return StepResult(out, d1, base_uncond, w)

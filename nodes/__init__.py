@@ -1,0 +1,11 @@
+"""The pack's ComfyUI nodes (V3 schema, pinned to comfy_api v0.0.2). Imported only by ComfyUI."""
+from ._api import ComfyExtension, io
+from .classifier_nodes import LoadImageClassifier
+from .guider_nodes import GFCGCombinerNode, GFCGGuiderNode
+
+NODES = [LoadImageClassifier, GFCGGuiderNode, GFCGCombinerNode]
+
+
+class GFCGExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)

@@ -1,0 +1,154 @@
+"""GFCG guider nodes: sockets only; the guidance lives in ``guiders``."""
+from __future__ import annotations
+
+from ..classifiers.vocab import resolve_class
+from ..guiders.comfy_guider import GFCGGuider
+from ..guiders.config import GFCGConfig, GFCGInputError, check_window
+from ._api import ClassifierType, io
+
+REFERENCE_CHOICES = ["deterministic", "stochastic", "fixed"]
+
+
+def _user_error(fn, *args, **kwargs):
+    """Run ``fn``; input errors become ValueError with the same message (shown by ComfyUI as is)."""
+    try:
+        return fn(*args, **kwargs)
+    except GFCGInputError as e:
+        raise ValueError(str(e)) from None
+
+
+def _check_class_spec(name: str, value: str, required: bool) -> str | bool:
+    v = (value or "").strip()
+    if not v:
+        return f"{name}: give a class name (e.g. 'golden retriever') or an index" if required else True
+    if v.lstrip("-").isdigit() and int(v) < 0:
+        return f"{name}: class index {v} must be >= 0"
+    return True
+
+
+class GFCGGuiderNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="GFCGGuider",
+            display_name="GFCG Guider",
+            category="sampling/gfcg",
+            description="Gradient-Free Classifier Guidance (arXiv 2411.15393) as a GUIDER for SamplerCustomAdvanced. "
+                        "At chosen steps a classifier looks at the denoised estimate; when it is not confident in the "
+                        "desired class (p < tau) the sample is pushed away from the model's prediction for a reference "
+                        "class (the classifier's runner-up) with scale omega = 1 + alpha (1 - p/tau)^beta. Confident "
+                        "samples are left alone and cost nothing extra. Stack with CFG or autoguidance with the GFCG "
+                        "Combiner.",
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model."),
+                io.Conditioning.Input("positive", tooltip="Your prompt (text models) or class label (class-label "
+                                                          "models); the conditional branch D1."),
+                ClassifierType.Input("classifier", tooltip="Image classifier from Load Image Classifier."),
+                io.String.Input("desired_class", default="golden retriever",
+                                tooltip="The class you want, by name in the classifier's vocabulary (e.g. 'golden "
+                                        "retriever', any comma-separated synonym) or by index (e.g. '207')."),
+                io.Float.Input("tau", default=0.5, min=0.0, max=1.0, step=0.01,
+                               tooltip="Confidence threshold: samples with p(desired) >= tau get no guidance; "
+                                       "0 disables GFCG, 1 guides every sample that is not certain."),
+                io.Float.Input("alpha", default=2.0, min=0.0, max=50.0, step=0.05,
+                               tooltip="Maximum extra guidance: omega grows from 1 at p = tau to 1 + alpha at p = 0."),
+                io.Float.Input("beta", default=1.0, min=0.01, max=10.0, step=0.05,
+                               tooltip="Shape of the ramp (1 - p/tau)^beta: < 1 guides hard just below tau, > 1 "
+                                       "only when the classifier is very unsure."),
+                io.Float.Input("window_start", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="First step (as a fraction of the sampler's steps) at which the classifier "
+                                       "runs; 0 = from the start."),
+                io.Float.Input("window_end", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Fraction of the steps after which GFCG stops (must be > window_start)."),
+                io.Int.Input("period", default=1, min=1, max=1000,
+                             tooltip="Run the classifier every `period` steps inside the window; samples keep "
+                                     "their last decision in between (cheaper; the decision is keyed to sigma, "
+                                     "so Euler and Heun decide alike)."),
+                io.Combo.Input("reference", options=REFERENCE_CHOICES, default="deterministic",
+                               tooltip="How the reference class is picked for a confused sample: the classifier's "
+                                       "runner-up (deterministic), a draw from its other classes seeded by the noise "
+                                       "seed (stochastic), or the fixed_reference_class."),
+                io.Vae.Input("vae", optional=True,
+                             tooltip="The model's VAE, to show the classifier pixels. Needed for latent models; "
+                                     "leave empty for pixel-space models."),
+                io.Clip.Input("clip", optional=True,
+                              tooltip="Text models: the CLIP that encodes the reference prompt (prompt_template with "
+                                      "the reference class name). Class-label models need none."),
+                io.String.Input("prompt_template", default="a photo of a {}", optional=True,
+                                tooltip="Text models: the reference prompt; {} is replaced by the class name. "
+                                        "Encodings are cached per class."),
+                io.String.Input("fixed_reference_class", default="", optional=True,
+                                tooltip="For reference = fixed: the class to guide away from (name or index)."),
+                io.Combo.Input("classify_input", options=["current", "previous"], default="current", optional=True,
+                               tooltip="What the classifier sees: this evaluation's conditional estimate (paper "
+                                       "order; a second forward for confused samples on classifier steps) or the "
+                                       "previous evaluation's guided estimate (always one forward)."),
+                io.Float.Input("temperature", default=1.0, min=0.01, max=100.0, step=0.01, optional=True,
+                               tooltip="Softmax temperature T of the classifier (p = softmax(logits / T)); T > 1 "
+                                       "flattens p so more samples fall under tau."),
+            ],
+            outputs=[io.Guider.Output(tooltip="Connect to SamplerCustomAdvanced, or to the GFCG Combiner.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, window_start, window_end, desired_class):
+        try:
+            check_window(float(window_start), float(window_end))
+        except GFCGInputError as e:
+            return str(e)
+        return _check_class_spec("desired_class", desired_class, True)
+
+    @classmethod
+    def execute(cls, model, positive, classifier, desired_class, tau, alpha, beta, window_start, window_end, period,
+                reference, vae=None, clip=None, prompt_template="a photo of a {}", fixed_reference_class="",
+                classify_input="current", temperature=1.0) -> io.NodeOutput:
+        names = classifier.class_names
+        desired = _user_error(resolve_class, desired_class, names, "desired_class")
+        fixed = None
+        if reference == "fixed":
+            fixed = _user_error(resolve_class, fixed_reference_class, names, "fixed_reference_class")
+        config = _user_error(GFCGConfig, desired_class=desired, tau=tau, alpha=alpha, beta=beta,
+                             window_start=window_start, window_end=window_end, period=period, reference_mode=reference,
+                             fixed_reference=fixed, classify_input=classify_input, temperature=temperature)
+        guider = _user_error(GFCGGuider, model, config, classifier, positive, vae=vae, clip=clip,
+                             prompt_template=prompt_template)
+        return io.NodeOutput(guider)
+
+
+class GFCGCombinerNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="GFCGCombiner",
+            display_name="GFCG Combiner",
+            category="sampling/gfcg",
+            description="Stacks a GFCG Guider with CFG (negative conditioning + scale) or with autoguidance (a weaker "
+                        "guide model + weight). additive: D1 + (w-1)(D1 - D_neg or G) + (omega-1)(D1 - D_ref). swap: "
+                        "a confused sample's negative / guide branch is replaced by its reference class (no extra "
+                        "model evaluation) with scale w + omega - 1.",
+            inputs=[
+                io.Guider.Input("gfcg", tooltip="The GFCG Guider to stack (its settings are kept)."),
+                io.Combo.Input("combine_with", options=["cfg", "autoguidance"], default="cfg",
+                               tooltip="cfg: classifier-free guidance with the negative conditioning; autoguidance: "
+                                       "guidance by a weaker guide model (EDM2 presets: xs guides s, m guides xxl)."),
+                io.Combo.Input("mode", options=["additive", "swap"], default="additive",
+                               tooltip="additive: GFCG's reference term is added (one more branch for confused "
+                                       "samples). swap: confused samples use the reference class in place of the "
+                                       "negative / guide branch, so the cost stays that of CFG / autoguidance."),
+                io.Float.Input("scale", default=5.0, min=0.0, max=100.0, step=0.05, round=0.01,
+                               tooltip="w: the CFG scale, or the autoguidance weight (1 = off)."),
+                io.Conditioning.Input("negative", optional=True, tooltip="Negative conditioning, for combine_with = cfg."),
+                io.Model.Input("guide_model", optional=True,
+                               tooltip="The weaker guide model, for combine_with = autoguidance (a different network "
+                                       "of the same family and latent space)."),
+            ],
+            outputs=[io.Guider.Output(tooltip="Connect to SamplerCustomAdvanced.")],
+        )
+
+    @classmethod
+    def execute(cls, gfcg, combine_with, mode, scale, negative=None, guide_model=None) -> io.NodeOutput:
+        if not isinstance(gfcg, GFCGGuider):
+            raise ValueError(f"gfcg: expected the output of a GFCG Guider node, got {type(gfcg).__name__}")
+        combine = "cfg" if combine_with == "cfg" else "atg"
+        guider = _user_error(gfcg.combined, combine, mode, scale, negative=negative, guide_patcher=guide_model)
+        return io.NodeOutput(guider)
