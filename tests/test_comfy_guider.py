@@ -403,3 +403,39 @@ def test_pixel_model_with_latent_vae_is_a_clear_error(env):
     m, _ = cm.tiny_model()
     with pytest.raises(ValueError, match="vae: this VAE decodes 4-channel latents"):
         sample(gfcg(env, m, cm.label_cond(3), tau=1.0, vae=cm.taesd_vae()), steps=2)
+
+
+# ------------------------------------------------------------------ model management and every sampler
+def test_classifier_vae_and_guide_load_with_the_model(env):
+    import comfy.model_management as mm
+
+    cm = env["cm"]
+    m, _ = cm.tiny_model()
+    weak, _ = cm.tiny_model(seed=1, width=8)
+    vae = cm.pixel_vae()
+    g = node(env, "GFCGCombiner", gfcg=gfcg(env, m, cm.label_cond(3), tau=1.0, vae=vae), combine_with="autoguidance",
+             mode="swap", scale=2.0, guide_model=weak)
+    extra = g.model_patcher.get_nested_additional_models()
+    assert env["clf"].patcher in extra and vae.patcher in extra and weak in extra
+    sample(g, steps=2)
+    loaded = mm.loaded_models()
+    assert any(p is env["clf"].patcher for p in loaded) and any(p is weak for p in loaded)
+    assert weak.model.current_patcher is None               # the guide model was cleaned up after sampling
+
+
+def test_every_builtin_sampler_runs(env):
+    import comfy.samplers
+
+    cm = env["cm"]
+    m, _ = cm.tiny_model()
+    failures = {}
+    for name in comfy.samplers.KSampler.SAMPLERS:
+        g = node(env, "GFCGCombiner", gfcg=gfcg(env, m, cm.label_cond(3), tau=1.0), combine_with="cfg", mode="swap",
+                 scale=3.0, negative=cm.label_cond(None))
+        try:
+            out = sample(g, sampler=name, steps=3, batch=2, size=8)
+            if not torch.isfinite(out).all():
+                failures[name] = "non-finite output"
+        except Exception as e:  # collect all, report together
+            failures[name] = repr(e)[:200]
+    assert not failures, failures
