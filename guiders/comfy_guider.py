@@ -16,7 +16,7 @@ The model's pre-/post-CFG hooks run around the combination, as ComfyUI's guiders
 from __future__ import annotations
 
 import logging
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 

@@ -6,7 +6,6 @@ its forwards; a small timm classifier saved to safetensors and loaded through th
 """
 from __future__ import annotations
 
-import math
 import os
 
 import torch

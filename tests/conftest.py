@@ -51,7 +51,6 @@ def load_comfy():
         ok = asyncio.run(comfy_nodes.load_custom_node(str(REPO)))
         assert ok, "ComfyUI failed to load the pack (see the log)"
     _state["nodes"] = comfy_nodes
-    _state["path"] = COMFYUI
     return _state
 
 

@@ -1,7 +1,6 @@
 """ComfyUI integration: the pack loaded into ComfyUI's node registry, guiders run through
 SamplerCustomAdvanced on CPU with a tiny class-conditional model and a tiny timm classifier."""
 import asyncio
-import math
 
 import pytest
 import torch
@@ -22,7 +21,6 @@ def env(tmp_path_factory):
     cm.save_classifier(str(folder))
     cm.save_classifier(str(folder), name="no_arch.safetensors", metadata=False)
     folder_paths.add_model_folder_path("gfcg_classifiers", str(folder))
-    folder_paths.filename_list_cache.clear() if hasattr(folder_paths, "filename_list_cache") else None
     reg = st["nodes"].NODE_CLASS_MAPPINGS
     clf = reg["GFCGLoadImageClassifier"].execute("tiny_resnet.safetensors", "").result[0]
     return dict(reg=reg, cm=cm, clf=clf, folder=folder)
@@ -62,16 +60,6 @@ def test_nodes_registered_with_descriptions_and_tooltips(env):
         for section in ("required", "optional"):
             for inp, spec in info["input"].get(section, {}).items():
                 assert spec[1].get("tooltip") if len(spec) > 1 else False, f"{name}.{inp} has no tooltip"
-
-
-def test_pack_imports_no_comfy_in_core():
-    import subprocess
-    import sys
-
-    code = ("import sys, comfyui_gfcg.guiders, comfyui_gfcg.classifiers;"
-            "bad=[m for m in sys.modules if m.split('.')[0] in ('comfy','folder_paths','comfy_api')];"
-            "assert not bad, bad")
-    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 # ------------------------------------------------------------------ tau = 0 identities
@@ -197,13 +185,11 @@ class RowClassifier(torch.nn.Module):
 
 
 def row_classifier():
+    from comfyui_gfcg.classifiers.comfy_classifier import ComfyClassifier
     from comfyui_gfcg.classifiers.timm_classifier import DataConfig, ImageClassifier
 
-    st = load_comfy()
-    mod = __import__(st["nodes"].NODE_CLASS_MAPPINGS["GFCGGuider"].__module__.rsplit(".", 2)[0] + ".classifiers.comfy_classifier",
-                     fromlist=["ComfyClassifier"])
-    return mod.ComfyClassifier(ImageClassifier(RowClassifier(), DataConfig(input_size=(3, 16, 16), crop_pct=1.0),
-                                               [f"c{i}" for i in range(10)]))
+    return ComfyClassifier(ImageClassifier(RowClassifier(), DataConfig(input_size=(3, 16, 16), crop_pct=1.0),
+                                           [f"c{i}" for i in range(10)]))
 
 
 @pytest.mark.parametrize("combine,mode,classify_input,per_eval", [
@@ -278,13 +264,13 @@ def test_post_cfg_hooks_see_cond_and_uncond(env):
 
 
 # ------------------------------------------------------------------ bad inputs
-def _validate(env, prompt):
+def _validate(prompt):
     import execution
 
     return asyncio.run(execution.validate_prompt("test", prompt, None))
 
 
-def _prompt(env, loader=None, guider=None):
+def _prompt(loader=None, guider=None):
     loader = loader or {"classifier_name": "tiny_resnet.safetensors", "architecture": ""}
     g = dict(GFCG_DEFAULTS, model=["m", 0], positive=["p", 0], classifier=["c", 0])
     g.update(guider or {})
@@ -315,11 +301,7 @@ def _errors_of(result, node_id):
     ({"desired_class": ""}, "desired_class"), ({"desired_class": "-3"}, "desired_class"),
 ])
 def test_bad_guider_inputs_fail_validation_naming_the_input(env, guider, needle):
-    import nodes as comfy_nodes
-
-    if "CheckpointLoaderSimple" not in comfy_nodes.NODE_CLASS_MAPPINGS:
-        pytest.skip("core nodes missing")
-    res = _validate(env, _prompt(env, guider=guider))
+    res = _validate(_prompt(guider=guider))
     assert needle in _errors_of(res, "g"), res
 
 
@@ -328,7 +310,7 @@ def test_bad_guider_inputs_fail_validation_naming_the_input(env, guider, needle)
     ({"classifier_name": "no_arch.safetensors", "architecture": ""}, "architecture"),
 ])
 def test_bad_classifier_file_fails_validation(env, loader, needle):
-    res = _validate(env, _prompt(env, loader=loader))
+    res = _validate(_prompt(loader=loader))
     assert needle in _errors_of(res, "c"), res
 
 

@@ -1,5 +1,6 @@
 """The framework-free GFCG core: decision rule, scale, references, combinations, schedule, engine."""
-import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,6 +13,13 @@ from comfyui_gfcg.guiders.schedule import GFCGSchedule, classifier_steps, step_i
 
 def probs_of(rows):
     return torch.tensor(rows, dtype=torch.float32)
+
+
+def test_core_imports_without_comfyui():
+    code = ("import sys, comfyui_gfcg.guiders, comfyui_gfcg.classifiers;"
+            "bad=[m for m in sys.modules if m.split('.')[0] in ('comfy','folder_paths','comfy_api')];"
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 # ------------------------------------------------------------------ decision
