@@ -16,10 +16,22 @@ FOLDER_KEY = "gfcg_classifiers"
 def register_folder() -> None:
     """``models/gfcg_classifiers`` (and ``models/classifiers``, whose built-in key lists only files
     without an extension) under the pack's own key, for .safetensors / .pt / .pth files."""
-    if FOLDER_KEY in folder_paths.folder_names_and_paths:
-        return
     paths = [os.path.join(folder_paths.models_dir, FOLDER_KEY), os.path.join(folder_paths.models_dir, "classifiers")]
-    folder_paths.folder_names_and_paths[FOLDER_KEY] = (paths, set(WEIGHT_EXTENSIONS))
+    ensure_folder(FOLDER_KEY, paths, WEIGHT_EXTENSIONS)
+
+
+def ensure_folder(key: str, default_paths, extensions) -> None:
+    """Register ``key`` with its default paths and extensions, keeping paths that an
+    extra_model_paths.yaml (read by ComfyUI before custom nodes load) already added."""
+    entry = folder_paths.folder_names_and_paths.get(key)
+    if entry is None:
+        folder_paths.folder_names_and_paths[key] = (list(default_paths), set(extensions))
+        return
+    paths, exts = entry
+    for p in default_paths:
+        if p not in paths:
+            paths.append(p)
+    exts.update(extensions)
 
 
 class ComfyClassifier:

@@ -28,6 +28,7 @@ Also here: the safetensors form (weights + config in metadata) written by
 """
 from __future__ import annotations
 
+import _compat_pickle
 import collections
 import dataclasses
 import io
@@ -168,6 +169,10 @@ class SafeUnpickler(pickle.Unpickler):
         self._allowed.update(_numpy_allowed())
 
     def find_class(self, module, name):
+        if (module, name) in _compat_pickle.NAME_MAPPING:  # Python 2 names (protocols < 3)
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            module = _compat_pickle.IMPORT_MAPPING[module]
         fn = self._allowed.get((module, name))
         if fn is None:
             raise CheckpointError(

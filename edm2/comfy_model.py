@@ -28,9 +28,9 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def register_folder() -> None:
     """``models/edm2`` under the pack's key ``edm2`` (.pkl / .safetensors / .sft)."""
-    if FOLDER_KEY not in folder_paths.folder_names_and_paths:
-        folder_paths.folder_names_and_paths[FOLDER_KEY] = ([os.path.join(folder_paths.models_dir, FOLDER_KEY)],
-                                                           set(EXTENSIONS))
+    from ..classifiers.comfy_classifier import ensure_folder
+
+    ensure_folder(FOLDER_KEY, [os.path.join(folder_paths.models_dir, FOLDER_KEY)], EXTENSIONS)
 
 
 def list_checkpoints():
@@ -61,6 +61,7 @@ class EDM2LatentFormat(comfy.latent_formats.LatentFormat):
 
     latent_channels = 4
     latent_dimensions = 2
+    vae_output_range = "0..1"  # EDM2 reads the VAE decoder's output as the [0, 1] image
 
     def __init__(self, scale=None, bias=None):
         self.scale = list(scale or EDM2_DEFAULT_ENCODER["scale"])

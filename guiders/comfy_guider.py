@@ -167,6 +167,8 @@ class PixelDecoder:
             raise ValueError(f"vae: this VAE decodes {vae.latent_channels}-channel latents but the model makes "
                              f"{z.shape[1]}-channel ones; connect the VAE that belongs to the model")
         img = vae.first_stage_model.decode(z.to(device=vae.device, dtype=vae.vae_dtype))
+        if getattr(getattr(model, "latent_format", None), "vae_output_range", "-1..1") == "0..1":
+            return img.float().clamp(0.0, 1.0)  # EDM2 reads the VAE output as a [0, 1] image
         return vae.process_output(img.float())
 
 

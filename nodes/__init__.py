@@ -1,9 +1,10 @@
 """The pack's ComfyUI nodes (V3 schema, pinned to comfy_api v0.0.2). Imported only by ComfyUI."""
 from ._api import ComfyExtension, io
 from .classifier_nodes import LoadImageClassifier
+from .edm2_nodes import EDM2_NODES
 from .guider_nodes import GFCGCombinerNode, GFCGGuiderNode
 
-NODES = [LoadImageClassifier, GFCGGuiderNode, GFCGCombinerNode]
+NODES = [LoadImageClassifier, GFCGGuiderNode, GFCGCombinerNode, *EDM2_NODES]
 
 
 class GFCGExtension(ComfyExtension):

@@ -6,6 +6,7 @@ its forwards; a small timm classifier saved to safetensors and loaded through th
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -106,8 +107,14 @@ def taesd_vae(seed=0):
     """A real ComfyUI VAE (TAESD architecture, 4-channel latents, x8) with random weights."""
     import comfy.taesd.taesd
 
-    torch.manual_seed(seed)
-    return comfy.sd.VAE(sd=comfy.taesd.taesd.TAESD(latent_channels=4).state_dict())
+    g = torch.Generator().manual_seed(seed)
+    sd = comfy.taesd.taesd.TAESD(latent_channels=4).state_dict()
+    for k, v in sd.items():  # ComfyUI builds layers without init: give every weight a real value
+        if k.endswith("weight") and v.ndim > 1:
+            sd[k] = torch.randn(v.shape, generator=g) / math.sqrt(v[0].numel())
+        elif k.endswith("bias"):
+            sd[k] = torch.zeros(v.shape)
+    return comfy.sd.VAE(sd=sd)
 
 
 def save_classifier(folder, name="tiny_resnet.safetensors", arch="test_resnet", seed=0, classes=K, metadata=True):

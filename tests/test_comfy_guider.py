@@ -371,6 +371,9 @@ def test_latent_model_decodes_with_vae_for_the_classifier(env):
         clf.classifier.preprocess = orig
     assert torch.isfinite(out).all() and out.shape == (2, 4, 8, 8)
     assert seen and seen[0] == (2, 3, 64, 64)               # decoded pixels, 8x the latent size
+    p = [v for e in g.engine.trace for v in e.p_des]
+    assert p and all(0.0 <= v <= 1.0 for v in p), p        # the classifier saw real pixels (no NaN)
+    assert any(r >= 0 for e in g.engine.trace for r in e.reference)  # tau = 1: samples were guided
 
 
 def test_latent_model_without_vae_is_a_clear_error(env):
