@@ -107,14 +107,16 @@ def cosine_attention(qkv: torch.Tensor, heads: int) -> torch.Tensor:
 class MPFourier(torch.nn.Module):
     """Fourier features sqrt(2) cos(s f + phi) of a vector s [N] -> [N, C], in float32.
 
-    ``freqs`` and ``phases`` were drawn at random when the checkpoint was made; they are buffers
-    read from it (zeros until loaded).
+    ``freqs`` and ``phases`` were drawn at random when the checkpoint was made and are read from it
+    (zeros until loaded). NVlabs stores them as buffers; here they are frozen parameters (same
+    state-dict names) so that ComfyUI's model loading, which moves modules that own parameters,
+    puts them on the GPU with everything else.
     """
 
     def __init__(self, channels: int):
         super().__init__()
-        self.register_buffer("freqs", torch.zeros(channels))
-        self.register_buffer("phases", torch.zeros(channels))
+        self.freqs = torch.nn.Parameter(torch.zeros(channels), requires_grad=False)
+        self.phases = torch.nn.Parameter(torch.zeros(channels), requires_grad=False)
 
     def forward(self, s: torch.Tensor) -> torch.Tensor:
         y = torch.outer(s.to(torch.float32), self.freqs.to(torch.float32)) + self.phases.to(torch.float32)

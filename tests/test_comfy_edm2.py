@@ -219,6 +219,26 @@ def test_vae_decode_and_encode_follow_edm2_pixel_convention(env):
         node(env, "GFCGEDM2VAEDecode", samples=z, vae=env["cm"].pixel_vae())
 
 
+def test_every_tensor_the_forward_uses_is_moved_by_comfy_model_loading(env):
+    """ComfyUI loads (and partially loads) a model module by module: only modules that own parameters
+    are moved to the GPU. Every tensor the prepared EDM2 forward reads must be in such a module; the
+    gains left outside are folded into the weights and no longer read."""
+    patcher = load(env, "edm2-img512-tiny")
+    dm = patcher.model.diffusion_model
+    moved = {id(t) for _, _, m, _ in patcher._load_list() for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))}
+    left = [n for n, t in list(dm.named_parameters()) + list(dm.named_buffers()) if id(t) not in moved]
+    assert all(n.endswith("emb_gain") or n.endswith("out_gain") for n in left), left
+    assert not list(dm.buffers())
+    net = dm.net
+    for n, _ in net.named_parameters():
+        if n.endswith("_gain"):
+            with torch.no_grad():
+                net.get_parameter(n).fill_(float("nan"))  # unused after folding: NaN must not reach the output
+    with torch.inference_mode():
+        d = patcher.model.apply_model(torch.randn(1, 4, 16, 16), torch.tensor([1.0]), y=torch.eye(1000)[:1])
+    assert torch.isfinite(d).all()
+
+
 def test_unconditional_model_ignores_labels_and_label_width_is_checked(env):
     unc = load(env, "edm2-img512-uncond").model
     assert unc.extra_conds(class_labels=torch.zeros(1, 1000)) == {}
