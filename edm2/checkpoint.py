@@ -264,6 +264,9 @@ def _config_from_records(ema: Record, sd) -> EDM2Config:
         if k in st and not isinstance(st[k], (dict, list)):
             kwargs.setdefault(k, st[k])
     cfg = infer_config(sd).to_dict()
+    heads = _channels_per_head(unet)
+    if heads is not None:
+        cfg["channels_per_head"] = heads
     for k, v in kwargs.items():
         if k in _TRAINING_ONLY:
             continue
@@ -277,6 +280,23 @@ def _config_from_records(ema: Record, sd) -> EDM2Config:
             raise CheckpointError(f"the checkpoint's network uses the setting {k}={v!r}, which this "
                                   "implementation does not support")
     return EDM2Config.from_dict(cfg)
+
+
+def _channels_per_head(unet) -> Optional[int]:
+    """Channels per attention head from the pickled blocks' ``num_heads`` (None if not recorded)."""
+    if not isinstance(unet, Record):
+        return None
+    found = set()
+    for part in ("enc", "dec"):
+        container = (unet.state.get("_modules") or {}).get(part)
+        for blk in ((_state_of(container) or {}).get("_modules") or {}).values():
+            st = blk.state if isinstance(blk, Record) else {}
+            heads, cout = st.get("num_heads"), st.get("out_channels")
+            if isinstance(heads, int) and heads > 0 and isinstance(cout, int):
+                found.add(cout // heads)
+    if len(found) > 1:
+        raise CheckpointError(f"attention blocks disagree on channels per head: {sorted(found)}")
+    return found.pop() if found else None
 
 
 def _encoder_from_record(enc) -> Optional[dict]:

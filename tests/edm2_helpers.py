@@ -201,11 +201,11 @@ def build_records(cfg, sd, src):
             p = f"unet.{part}.{name}."
             children[name] = conv(p, info["cout"]) if kind == "conv" else block(p, info)
         containers[part] = _module_dict(_module_state({}, {}, children))
+    # As in NVlabs' training loop: only the preset's channels/dropout and the interface sizes are
+    # constructor kwargs; everything else (levels, blocks, attention, heads) must be read off the
+    # tensors' shapes and the blocks' recorded num_heads.
     unet_kwargs = {k: cfg[k] for k in ("img_resolution", "img_channels", "label_dim", "model_channels")}
     unet_kwargs["dropout"] = 0.0
-    for k in ("channel_mult", "num_blocks", "attn_resolutions", "channels_per_head"):
-        if k in cfg:
-            unet_kwargs[k] = list(cfg[k]) if isinstance(cfg[k], (list, tuple)) else cfg[k]
     unet_mods = collections.OrderedDict(
         emb_fourier=fourier("unet.emb_fourier."), emb_noise=conv("unet.emb_noise.", cemb),
         emb_label=conv("unet.emb_label.", cemb) if cfg["label_dim"] else None,
