@@ -126,7 +126,7 @@ class GFCGEngine:
             raise ValueError("autoguidance needs a guide model")
         b = x.shape[0]
         step = self.schedule.step_of(float(sigma))
-        must = self.schedule.must_classify(step)
+        must = self.schedule.must_classify(step) and self.config.tau > 0  # tau = 0: nobody is ever confused
         if must and self.config.classify_input == "previous" and self._previous is not None:
             self._decide(step, float(sigma), classify(self._previous))
             must = False

@@ -1,1 +1,2 @@
-"""The pack's own testbed (framework-free). For now: an analytic toy problem (``toy``)."""
+"""The pack's own testbed (framework-free): the analytic toy (``toy``), the ShapePairs dataset
+(``dataset``), training code (``train``) and the headless sampler on the shared engine (``sampler``)."""

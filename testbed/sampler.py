@@ -1,0 +1,112 @@
+"""Headless sampling for the testbed: EDM's Heun sampler on the EDM2 sigma schedule, driving the
+SAME ``GFCGEngine`` that the ComfyUI guider uses (no second implementation of any guidance).
+
+Models: class-label EDM2 denoisers (``edm2.EDM2``). The main model was trained with label dropout,
+so its zero-label mode is its unconditional branch (the CFG negative). The engine's branch
+requests of one model are batched into one forward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+from ..guiders.config import GFCGConfig
+from ..guiders.engine import Branch, GFCGEngine
+from .toy import edm_sigmas
+
+# method -> (combine, uses GFCG)
+METHODS = {"none": ("none", False), "cfg": ("cfg", False), "atg": ("atg", False),
+           "gfcg": ("none", True), "gfcg+cfg": ("cfg", True), "gfcg+atg": ("atg", True)}
+
+
+def one_hot(classes: torch.Tensor, k: int) -> torch.Tensor:
+    out = torch.zeros(classes.shape[0], k, device=classes.device)
+    out[torch.arange(classes.shape[0], device=classes.device), classes] = 1.0
+    return out
+
+
+def branch_forward(net, x: torch.Tensor, sigma: float, branches: Sequence[Branch], desired: int,
+                   num_classes: int) -> List[torch.Tensor]:
+    """All requested branches of one model in ONE forward: rows of x with their class labels
+    (positive = desired class, negative = zero label, reference = each row's reference class)."""
+    xs, labels, sizes = [], [], []
+    for b in branches:
+        xb = x if b.rows is None else x[b.rows]
+        n = xb.shape[0]
+        if b.cond == "positive":
+            lab = one_hot(torch.full((n,), desired, dtype=torch.long, device=x.device), num_classes)
+        elif b.cond == "negative":
+            lab = torch.zeros(n, num_classes, device=x.device)
+        else:
+            lab = one_hot(b.classes.to(x.device), num_classes)
+        xs.append(xb)
+        labels.append(lab)
+        sizes.append(n)
+    out = net(torch.cat(xs), sigma, torch.cat(labels))
+    return list(out.split(sizes))
+
+
+@dataclass
+class SampleResult:
+    images: torch.Tensor                 # [N, C, H, W] in the model's pixel space ([-1, 1])
+    nfe: float                           # denoiser evaluations per image (all models, all branches)
+    trace: list = field(default_factory=list)
+
+
+@torch.no_grad()
+def sample(main, classifier: Callable[[torch.Tensor], torch.Tensor], method: str, desired: int, n: int,
+           seed: int = 0, steps: int = 32, guide=None, cfg_scale: float = 2.0, atg_scale: float = 2.0,
+           gfcg: Optional[GFCGConfig] = None, mode: str = "additive", num_classes: int = 10,
+           shape=(3, 32, 32), progress: Optional[Callable[[int], None]] = None) -> SampleResult:
+    """Heun (2nd order, Euler on the last step) from sigma_max = 80 to 0 on EDM2's rho = 7 schedule.
+
+    ``classifier`` maps images in [0, 1] to logits; the engine sees x0 through it. Noise: one
+    ``torch.randn`` of [n, *shape] from ``torch.Generator().manual_seed(seed)``, times sigma_0.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+    combine, use_gfcg = METHODS[method]
+    if combine == "atg" and guide is None:
+        raise ValueError("method uses autoguidance but no guide model was given")
+    cfg = gfcg if gfcg is not None else GFCGConfig(desired_class=desired)
+    cfg = GFCGConfig(**{**cfg.__dict__, "desired_class": desired, "tau": cfg.tau if use_gfcg else 0.0})
+    scale = {"cfg": cfg_scale, "atg": atg_scale}.get(combine, 1.0)
+    engine = GFCGEngine(cfg, combine=combine, mode=mode, scale=scale)
+    sigmas = edm_sigmas(steps)
+    engine.begin(sigmas, seed)
+    g = torch.Generator().manual_seed(int(seed))
+    x = torch.randn(n, *shape, generator=g) * float(sigmas[0])
+    evals = 0
+
+    def classify(x0):
+        return classifier(((x0 + 1) / 2).clamp(0, 1))
+
+    def denoise(xc, s):
+        nonlocal evals
+
+        def main_eval(branches):
+            nonlocal evals
+            evals += sum(xc.shape[0] if b.rows is None else int(b.rows.numel()) for b in branches)
+            return branch_forward(main, xc, s, branches, desired, num_classes)
+
+        def guide_eval(branches):
+            nonlocal evals
+            evals += sum(xc.shape[0] if b.rows is None else int(b.rows.numel()) for b in branches)
+            return branch_forward(guide, xc, s, branches, desired, num_classes)
+
+        return engine.denoise(xc, s, main_eval, classify, guide_eval if combine == "atg" else None).denoised
+
+    for i in range(steps):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        d = denoise(x, s)
+        dxdt = (x - d) / s
+        x_next = x + (s_next - s) * dxdt
+        if s_next > 0:
+            d2 = denoise(x_next, s_next)
+            x_next = x + (s_next - s) * (dxdt + (x_next - d2) / s_next) / 2
+        x = x_next
+        if progress is not None:
+            progress(i)
+    return SampleResult(x, evals / n, engine.trace)

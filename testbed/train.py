@@ -1,0 +1,204 @@
+"""Training the testbed's models on ShapePairs (CPU-sized; every run is seeded and logged).
+
+Diffusion models use the pack's EDM2 network in pixel space (32x32x3) with the EDM2 recipe in
+small: log-normal sigma (P_mean, P_std), EDM loss weighting with the learned uncertainty u(sigma)
+(the logvar head), forced weight normalisation after every step, Adam with inverse-square-root
+decay, and an EMA of the weights. Label dropout gives the main model an unconditional (zero-label)
+mode for CFG. Classifiers are timm architectures trained with cross-entropy on their own,
+disjoint data seeds, saved in the format the pack's classifier loader reads.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..edm2.checkpoint import EDM2Checkpoint, save_safetensors
+from ..edm2.network import EDM2, EDM2Config, MPConv, MPFourier, normalize
+from .dataset import CLASS_NAMES, NUM_CLASSES, SEEDS, make_split, to_unit
+
+
+@dataclass
+class DiffusionRecipe:
+    model_channels: int = 32
+    channel_mult: tuple = (1, 2, 2)
+    num_blocks: int = 2
+    attn_resolutions: tuple = (8,)
+    channels_per_head: int = 32
+    iterations: int = 1200
+    batch: int = 64
+    lr: float = 0.01
+    lr_decay_from: int = 400           # lr = lr / sqrt(max(t / decay_from, 1))
+    ema: float = 0.999
+    p_mean: float = -0.8
+    p_std: float = 1.6
+    label_dropout: float = 0.1
+    dataset_size: int = 20000
+    seed: int = 0
+
+    def config(self) -> EDM2Config:
+        return EDM2Config(img_resolution=32, img_channels=3, label_dim=NUM_CLASSES, model_channels=self.model_channels,
+                          channel_mult=self.channel_mult, num_blocks=self.num_blocks,
+                          attn_resolutions=self.attn_resolutions, channels_per_head=self.channels_per_head)
+
+
+def init_edm2(net: EDM2, generator: torch.Generator) -> EDM2:
+    """EDM2's initialisation: unit-RMS random weights, zero gains, random Fourier features."""
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, MPConv):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=generator))
+            elif isinstance(m, MPFourier):
+                m.freqs.copy_(2 * math.pi * torch.randn(m.freqs.shape, generator=generator))
+                m.phases.copy_(2 * math.pi * torch.rand(m.phases.shape, generator=generator))
+        for name, p in net.named_parameters():
+            if name.endswith("_gain"):
+                p.zero_()
+    net.requires_grad_(True)
+    for m in net.modules():
+        if isinstance(m, MPFourier):
+            m.requires_grad_(False)
+    return net
+
+
+@torch.no_grad()
+def force_normalize(net: EDM2) -> None:
+    """Forced weight normalisation: every MPConv weight row back to unit RMS (EDM2, training only)."""
+    for m in net.modules():
+        if isinstance(m, MPConv):
+            m.weight.copy_(normalize(m.weight))
+
+
+def edm2_loss(net: EDM2, x: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,
+              p_mean: float, p_std: float) -> torch.Tensor:
+    """EDM2 loss: E[ lambda(s)/e^u(s) ||D(x + s n; s) - x||^2 + u(s) ], ln s ~ N(p_mean, p_std^2),
+    lambda(s) = (s^2 + sd^2) / (s sd)^2."""
+    n = x.shape[0]
+    sigma = (torch.randn(n, generator=generator) * p_std + p_mean).exp()
+    noise = torch.randn(x.shape, generator=generator)
+    d = net(x + sigma.view(-1, 1, 1, 1) * noise, sigma, labels)
+    sd = net.sigma_data
+    lam = (sigma ** 2 + sd ** 2) / (sigma * sd) ** 2
+    logvar = net.logvar_linear(net.logvar_fourier(sigma.log() / 4)).view(-1)
+    per = ((d - x) ** 2).mean(dim=(1, 2, 3))
+    return (lam / logvar.exp() * per + logvar).mean()
+
+
+def train_diffusion(recipe: DiffusionRecipe, log: Optional[Callable[[dict], None]] = None):
+    """Train one EDM2 pixel model; returns (EMA network, loss history)."""
+    torch.manual_seed(recipe.seed)
+    g = torch.Generator().manual_seed(recipe.seed)
+    images, labels = make_split(recipe.dataset_size, SEEDS["diffusion"])
+    net = init_edm2(EDM2(recipe.config()), g)
+    force_normalize(net)
+    ema = copy.deepcopy(net).requires_grad_(False)
+    opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=recipe.lr, betas=(0.9, 0.99))
+    history = []
+    t0 = time.time()
+    for it in range(recipe.iterations):
+        idx = torch.randint(0, images.shape[0], (recipe.batch,), generator=g)
+        y = F.one_hot(labels[idx], NUM_CLASSES).float()
+        drop = torch.rand(recipe.batch, generator=g) < recipe.label_dropout
+        y[drop] = 0.0
+        x = images[idx]
+        if torch.rand((), generator=g) < 0.5:  # horizontal flips keep every class (all are mirror-symmetric)
+            x = x.flip(-1)
+        lr = recipe.lr / math.sqrt(max(it / recipe.lr_decay_from, 1.0))
+        for grp in opt.param_groups:
+            grp["lr"] = lr
+        loss = edm2_loss(net, x, y, g, recipe.p_mean, recipe.p_std)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        force_normalize(net)
+        beta = min(recipe.ema, (1 + it) / (10 + it))
+        with torch.no_grad():
+            for pe, pn in zip(ema.parameters(), net.parameters()):
+                pe.lerp_(pn, 1 - beta)
+        history.append(float(loss.detach()))
+        if log is not None and (it % 50 == 0 or it == recipe.iterations - 1):
+            log({"iter": it, "loss": sum(history[-50:]) / len(history[-50:]), "lr": lr, "seconds": time.time() - t0})
+    return ema, history
+
+
+def save_diffusion(net: EDM2, recipe: DiffusionRecipe, path: str, history=None) -> None:
+    """Raw (unfolded) fp16 weights + config metadata: loadable by the EDM2 loader node and CLI."""
+    sd = {k: v.detach().to(torch.float16) for k, v in net.state_dict().items()}
+    meta_src = json.dumps({"recipe": asdict(recipe), "final_loss": history[-1] if history else None})
+    save_safetensors(EDM2Checkpoint(net.config, sd, {"kind": "standard_rgb"}, f"testbed:{meta_src}"), path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Classifiers
+
+
+@dataclass
+class ClassifierRecipe:
+    architecture: str = "resnet10t"
+    data_seed: int = SEEDS["guidance_classifier"]
+    iterations: int = 600
+    batch: int = 128
+    lr: float = 2e-3
+    dataset_size: int = 20000
+    noise_aug: float = 0.0     # std of added Gaussian noise (in [-1, 1] units), to see rough x0 estimates
+    seed: int = 0
+    kwargs: dict = field(default_factory=dict)
+
+
+def train_classifier(recipe: ClassifierRecipe, log: Optional[Callable[[dict], None]] = None):
+    """Cross-entropy training of a timm model on images in [0, 1] (its own data seed)."""
+    import timm
+
+    torch.manual_seed(recipe.seed)
+    g = torch.Generator().manual_seed(recipe.seed)
+    images, labels = make_split(recipe.dataset_size, recipe.data_seed)
+    net = timm.create_model(recipe.architecture, pretrained=False, num_classes=NUM_CLASSES, **recipe.kwargs)
+    opt = torch.optim.AdamW(net.parameters(), lr=recipe.lr, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=recipe.iterations)
+    history = []
+    t0 = time.time()
+    net.train()
+    for it in range(recipe.iterations):
+        idx = torch.randint(0, images.shape[0], (recipe.batch,), generator=g)
+        x = images[idx]
+        if recipe.noise_aug > 0:
+            x = x + recipe.noise_aug * torch.rand(recipe.batch, 1, 1, 1, generator=g) * torch.randn(x.shape, generator=g)
+        logits = net(_normalize(to_unit(x)))
+        loss = F.cross_entropy(logits, labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        history.append(float(loss.detach()))
+        if log is not None and (it % 50 == 0 or it == recipe.iterations - 1):
+            log({"iter": it, "loss": sum(history[-50:]) / len(history[-50:]), "seconds": time.time() - t0})
+    return net.eval(), history
+
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+DATA_CONFIG = {"input_size": [3, 32, 32], "crop_pct": 1.0, "interpolation": "bilinear", "mean": list(MEAN),
+               "std": list(STD)}
+
+
+def _normalize(x01: torch.Tensor) -> torch.Tensor:
+    return (x01 - 0.5) / 0.5
+
+
+def save_classifier(net, recipe: ClassifierRecipe, path: str) -> None:
+    from ..classifiers.timm_classifier import save_timm_classifier
+
+    save_timm_classifier(path, net.to(torch.float32), recipe.architecture, class_names=list(CLASS_NAMES),
+                         data_config=DATA_CONFIG)
+
+
+@torch.no_grad()
+def accuracy(classifier: Callable[[torch.Tensor], torch.Tensor], n: int = 2000, seed: int = SEEDS["classifier_val"]) -> float:
+    """Top-1 accuracy on fresh images ([0, 1] input) from a seed no training run uses."""
+    x, y = make_split(n, seed)
+    return float((classifier(to_unit(x)).argmax(1) == y).float().mean())

@@ -1,0 +1,92 @@
+"""Testbed building blocks (no ComfyUI): the ShapePairs dataset, short training runs whose outputs
+load through the pack's own loaders, and the headless Heun sampler driving the shared engine."""
+import pytest
+import torch
+
+from comfyui_gfcg.edm2 import build_network, read_checkpoint
+from comfyui_gfcg.edm2.network import EDM2, EDM2Config
+from comfyui_gfcg.guiders.config import GFCGConfig
+from comfyui_gfcg.testbed.dataset import CLASS_NAMES, NUM_CLASSES, PAIRS, make_split, render
+from comfyui_gfcg.testbed.sampler import METHODS, sample
+from comfyui_gfcg.testbed.train import (ClassifierRecipe, DiffusionRecipe, init_edm2, save_classifier, save_diffusion,
+                                        train_classifier, train_diffusion)
+
+
+def test_dataset_is_deterministic_balanced_and_in_range():
+    a, ya = make_split(200, seed=7)
+    b, yb = make_split(200, seed=7)
+    c, _ = make_split(200, seed=8)
+    assert torch.equal(a, b) and torch.equal(ya, yb)
+    assert not torch.equal(a, c)
+    assert a.shape == (200, 3, 32, 32) and a.min() >= -1 and a.max() <= 1
+    assert torch.bincount(ya, minlength=NUM_CLASSES).tolist() == [20] * NUM_CLASSES
+    assert len(CLASS_NAMES) == 10 and sorted(i for p in PAIRS for i in p) == list(range(10))
+
+
+def test_classes_differ_only_in_shape():
+    """Same nuisance draws, different class: the images differ, but only where the shape is."""
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    for a, b in PAIRS:
+        x = render(torch.full((4,), a), g1)
+        y = render(torch.full((4,), b), g2)
+        diff = (x - y).abs().amax(1)
+        assert diff.amax() > 0.3                             # the pair is distinguishable
+        assert (diff > 0.05).float().mean() < 0.35           # ... by a part of the image only
+
+
+def test_short_training_runs_load_through_the_pack(tmp_path):
+    r = DiffusionRecipe(model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(16,),
+                        channels_per_head=16, iterations=6, batch=8, dataset_size=200, lr_decay_from=2)
+    ema, hist = train_diffusion(r)
+    assert len(hist) == 6 and all(torch.isfinite(torch.tensor(hist)))
+    path = tmp_path / "main.safetensors"
+    save_diffusion(ema, r, str(path), hist)
+    net = build_network(read_checkpoint(str(path)))
+    x, y = torch.randn(2, 3, 32, 32), torch.eye(10)[:2]
+    torch.testing.assert_close(net(x, 1.3, y), ema(x, 1.3, y), rtol=0, atol=5e-3)  # fp16 storage
+
+    from comfyui_gfcg.classifiers import load_timm_classifier
+
+    cr = ClassifierRecipe(architecture="test_resnet", iterations=3, batch=16, dataset_size=100)
+    clf, _ = train_classifier(cr)
+    cpath = tmp_path / "clf.safetensors"
+    save_classifier(clf, cr, str(cpath))
+    loaded = load_timm_classifier(str(cpath))
+    assert loaded.class_names == list(CLASS_NAMES)
+    imgs = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(loaded(imgs), clf((imgs - 0.5) / 0.5))
+
+
+def _tiny_net(seed):
+    cfg = EDM2Config(img_resolution=32, img_channels=3, label_dim=10, model_channels=16, channel_mult=(1, 2),
+                     num_blocks=1, attn_resolutions=(16,), channels_per_head=16)
+    net = init_edm2(EDM2(cfg), torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            if n.endswith("_gain"):
+                p.fill_(0.5)  # nonzero output
+    return net.prepare(torch.float32).requires_grad_(False).eval()
+
+
+def test_headless_sampler_methods_and_costs():
+    main, guide = _tiny_net(0), _tiny_net(1)
+    w = torch.randn(10, 3)
+
+    def clf(img):  # a fixed linear classifier on mean colour
+        return img.mean(dim=(2, 3)) @ w.t()
+
+    out = {}
+    for m in METHODS:
+        r = sample(main, clf, m, desired=3, n=2, seed=5, steps=4, guide=guide,
+                   gfcg=GFCGConfig(desired_class=3, tau=1.0, alpha=2.0))
+        assert r.images.shape == (2, 3, 32, 32) and torch.isfinite(r.images).all()
+        out[m] = r
+    assert out["none"].nfe == 7                       # Heun, 4 steps: 3 x 2 + final Euler
+    assert out["cfg"].nfe == 14 and out["atg"].nfe == 14
+    assert out["gfcg"].nfe > 7 and out["gfcg"].trace    # tau = 1: reference branches ran
+    assert not out["none"].trace                     # no GFCG, no classifier
+    # GFCG with tau = 0 is the unguided sampler, bit for bit
+    r0 = sample(main, clf, "gfcg", desired=3, n=2, seed=5, steps=4, gfcg=GFCGConfig(desired_class=3, tau=0.0))
+    assert torch.equal(r0.images, out["none"].images)
+    with pytest.raises(ValueError, match="no guide model"):
+        sample(main, clf, "atg", desired=3, n=1, steps=2)
