@@ -84,8 +84,6 @@ def sample(main, classifier: Callable[[torch.Tensor], torch.Tensor], method: str
         return classifier(((x0 + 1) / 2).clamp(0, 1))
 
     def denoise(xc, s):
-        nonlocal evals
-
         def main_eval(branches):
             nonlocal evals
             evals += sum(xc.shape[0] if b.rows is None else int(b.rows.numel()) for b in branches)
