@@ -8,6 +8,7 @@ import comfy.model_management as mm
 import comfy.model_patcher
 import folder_paths
 
+from ..comfy_folders import ensure_folder
 from .timm_classifier import WEIGHT_EXTENSIONS, ImageClassifier
 
 FOLDER_KEY = "gfcg_classifiers"
@@ -18,20 +19,6 @@ def register_folder() -> None:
     without an extension) under the pack's own key, for .safetensors / .pt / .pth files."""
     paths = [os.path.join(folder_paths.models_dir, FOLDER_KEY), os.path.join(folder_paths.models_dir, "classifiers")]
     ensure_folder(FOLDER_KEY, paths, WEIGHT_EXTENSIONS)
-
-
-def ensure_folder(key: str, default_paths, extensions) -> None:
-    """Register ``key`` with its default paths and extensions, keeping paths that an
-    extra_model_paths.yaml (read by ComfyUI before custom nodes load) already added."""
-    entry = folder_paths.folder_names_and_paths.get(key)
-    if entry is None:
-        folder_paths.folder_names_and_paths[key] = (list(default_paths), set(extensions))
-        return
-    paths, exts = entry
-    for p in default_paths:
-        if p not in paths:
-            paths.append(p)
-    exts.update(extensions)
 
 
 class ComfyClassifier:

@@ -6,11 +6,11 @@ from .checkpoint import (CheckpointError, EDM2Checkpoint, build_network, load_ed
                          read_nvlabs_pickle, safe_unpickle, save_safetensors)
 from .latents import EDM2_DEFAULT_ENCODER, edm2_to_raw, raw_to_edm2
 from .network import EDM2, EDM2Config, UNet, count_parameters, precond_coefficients
-from .presets import PRESET_FILES, preset_config, preset_parameter_counts
+from .presets import PRESET_FILES, preset_config
 
 __all__ = [
     "CheckpointError", "EDM2Checkpoint", "build_network", "load_edm2", "read_checkpoint",
     "read_nvlabs_pickle", "safe_unpickle", "save_safetensors", "EDM2_DEFAULT_ENCODER", "edm2_to_raw",
     "raw_to_edm2", "EDM2", "EDM2Config", "UNet", "count_parameters", "precond_coefficients",
-    "PRESET_FILES", "preset_config", "preset_parameter_counts",
+    "PRESET_FILES", "preset_config",
 ]

@@ -17,6 +17,7 @@ import comfy.model_patcher
 import comfy.supported_models_base
 import folder_paths
 
+from ..comfy_folders import ensure_folder
 from .checkpoint import CheckpointError, EDM2Checkpoint, build_network, read_checkpoint
 from .latents import EDM2_DEFAULT_ENCODER, RAW_MEAN, edm2_to_raw, preview_factors, raw_to_edm2
 
@@ -28,8 +29,6 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def register_folder() -> None:
     """``models/edm2`` under the pack's key ``edm2`` (.pkl / .safetensors / .sft)."""
-    from ..classifiers.comfy_classifier import ensure_folder
-
     ensure_folder(FOLDER_KEY, [os.path.join(folder_paths.models_dir, FOLDER_KEY)], EXTENSIONS)
 
 

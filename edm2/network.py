@@ -419,11 +419,8 @@ def precond_coefficients(sigma: torch.Tensor, sigma_data: float = 0.5):
     return sigma_data ** 2 / r, sigma * sigma_data / r.sqrt(), 1 / r.sqrt(), sigma.log().flatten() / 4
 
 
-def count_parameters(cfg: EDM2Config, inference_only: bool = False) -> int:
+def count_parameters(cfg: EDM2Config) -> int:
     """Parameter + buffer elements of a network built on the meta device (no memory used)."""
     with torch.device("meta"):
         net = EDM2(cfg)
-    sd = net.state_dict()
-    if inference_only:
-        sd = {k: v for k, v in sd.items() if not k.startswith("logvar_")}
-    return sum(v.numel() for v in sd.values())
+    return sum(v.numel() for v in net.state_dict().values())

@@ -6,7 +6,7 @@ work on 4-channel SD-VAE latents (64x64), img64 models on 3-channel pixels.
 """
 from __future__ import annotations
 
-from .network import EDM2Config, count_parameters
+from .network import EDM2Config
 
 BASE_URL = "https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions/"
 LICENSE = "CC BY-NC-SA 4.0 (NVIDIA; non-commercial, share-alike)"
@@ -28,15 +28,6 @@ def preset_config(family: str, size: str, conditional: bool = True) -> EDM2Confi
     return EDM2Config(img_channels=FAMILIES[family]["img_channels"], label_dim=1000 if conditional else 0,
                       model_channels=MODEL_CHANNELS[size])
 
-
-def preset_parameter_counts():
-    """{(family, size, conditional): parameter count} for every published preset shape."""
-    out = {}
-    for fam, sizes in SIZES.items():
-        for size in sizes:
-            for cond in (True, False):
-                out[(fam, size, cond)] = count_parameters(preset_config(fam, size, cond))
-    return out
 
 
 # Published post-hoc reconstructions used by NVlabs' presets: (preset, main file, guide file, w).

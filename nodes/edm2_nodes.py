@@ -173,10 +173,7 @@ class EDM2VAEDecode(io.ComfyNode):
         if _is_pixel_space(vae) or getattr(vae, "latent_channels", 4) != 4:
             raise ValueError("vae: img512 EDM2 latents need the SD1.5 VAE (vae-ft-mse-840000-ema-pruned), "
                              f"got a VAE with {getattr(vae, 'latent_channels', '?')} latent channels")
-        images = vae.decode(z)
-        if images.ndim == 5:  # some VAEs return [B, T, H, W, C]
-            images = images.reshape(-1, *images.shape[-3:])
-        return io.NodeOutput(comfy_image_to_edm2_pixels(images))
+        return io.NodeOutput(comfy_image_to_edm2_pixels(vae.decode(z)))
 
 
 class EDM2VAEEncode(io.ComfyNode):

@@ -7,10 +7,12 @@ requests of one model are batched into one forward.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from ..guiders.config import GFCGConfig
 from ..guiders.engine import Branch, GFCGEngine
@@ -19,12 +21,6 @@ from .toy import edm_sigmas
 # method -> (combine, uses GFCG)
 METHODS = {"none": ("none", False), "cfg": ("cfg", False), "atg": ("atg", False),
            "gfcg": ("none", True), "gfcg+cfg": ("cfg", True), "gfcg+atg": ("atg", True)}
-
-
-def one_hot(classes: torch.Tensor, k: int) -> torch.Tensor:
-    out = torch.zeros(classes.shape[0], k, device=classes.device)
-    out[torch.arange(classes.shape[0], device=classes.device), classes] = 1.0
-    return out
 
 
 def branch_forward(net, x: torch.Tensor, sigma: float, branches: Sequence[Branch], desired: int,
@@ -36,11 +32,11 @@ def branch_forward(net, x: torch.Tensor, sigma: float, branches: Sequence[Branch
         xb = x if b.rows is None else x[b.rows]
         n = xb.shape[0]
         if b.cond == "positive":
-            lab = one_hot(torch.full((n,), desired, dtype=torch.long, device=x.device), num_classes)
+            lab = F.one_hot(torch.full((n,), desired, dtype=torch.long, device=x.device), num_classes).float()
         elif b.cond == "negative":
             lab = torch.zeros(n, num_classes, device=x.device)
         else:
-            lab = one_hot(b.classes.to(x.device), num_classes)
+            lab = F.one_hot(b.classes.to(x.device), num_classes).float()
         xs.append(xb)
         labels.append(lab)
         sizes.append(n)
@@ -71,7 +67,7 @@ def sample(main, classifier: Callable[[torch.Tensor], torch.Tensor], method: str
     if combine == "atg" and guide is None:
         raise ValueError("method uses autoguidance but no guide model was given")
     cfg = gfcg if gfcg is not None else GFCGConfig(desired_class=desired)
-    cfg = GFCGConfig(**{**cfg.__dict__, "desired_class": desired, "tau": cfg.tau if use_gfcg else 0.0})
+    cfg = dataclasses.replace(cfg, desired_class=desired, tau=cfg.tau if use_gfcg else 0.0)
     scale = {"cfg": cfg_scale, "atg": atg_scale}.get(combine, 1.0)
     engine = GFCGEngine(cfg, combine=combine, mode=mode, scale=scale)
     sigmas = edm_sigmas(steps)
