@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from ..edm2.checkpoint import EDM2Checkpoint, save_safetensors
 from ..edm2.network import EDM2, EDM2Config, MPConv, MPFourier, normalize
 from .dataset import CLASS_NAMES, NUM_CLASSES, SEEDS, make_split, to_unit
+from .files import FILES, WEIGHTS_DIR
 
 
 @dataclass
@@ -202,3 +204,78 @@ def accuracy(classifier: Callable[[torch.Tensor], torch.Tensor], n: int = 2000, 
     """Top-1 accuracy on fresh images ([0, 1] input) from a seed no training run uses."""
     x, y = make_split(n, seed)
     return float((classifier(to_unit(x)).argmax(1) == y).float().mean())
+
+
+# ----------------------------------------------------------------------------------------------
+# The committed testbed models: one recipe each, trained by ``python -m comfyui_gfcg train``.
+
+RECIPES = {
+    # class-conditional main model with label dropout (its zero label is the CFG negative)
+    "main": DiffusionRecipe(),
+    # the autoguidance guide: the same family, smaller (C=16) and trained a quarter as long
+    "guide": DiffusionRecipe(model_channels=16, iterations=300, lr_decay_from=100, seed=1),
+    # guidance classifier (the one GFCG reads) and evaluation classifier (never guides), own data seeds
+    "guidance_classifier": ClassifierRecipe(architecture="regnetx_002", data_seed=SEEDS["guidance_classifier"]),
+    "eval_classifier": ClassifierRecipe(architecture="test_resnet", data_seed=SEEDS["eval_classifier"], lr=5e-3, seed=1),
+}
+
+
+def _thin(history, every: int = 10):
+    """Mean loss over consecutive blocks of ``every`` iterations (the recorded loss curve)."""
+    return [sum(history[i:i + every]) / len(history[i:i + every]) for i in range(0, len(history), every)]
+
+
+def train_testbed(names, out_dir: str = WEIGHTS_DIR, log=print) -> dict:
+    """Train the named testbed models, save their weights and record recipe, seeds, wall time,
+    loss curve and (classifiers) held-out accuracy in ``training.json``."""
+    os.makedirs(out_dir, exist_ok=True)
+    record_path = os.path.join(out_dir, "training.json")
+    record = json.load(open(record_path)) if os.path.exists(record_path) else {}
+    for name in names:
+        recipe = RECIPES[name]
+        path = os.path.join(out_dir, FILES[name])
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        log(f"[{name}] {recipe}")
+
+        def progress(d, name=name):
+            log(f"[{name}] " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in d.items()))
+
+        t0 = time.time()
+        entry = {"recipe": asdict(recipe), "torch": torch.__version__}
+        if isinstance(recipe, DiffusionRecipe):
+            net, history = train_diffusion(recipe, progress)
+            save_diffusion(net, recipe, path, history)
+            entry["parameters"] = sum(p.numel() for p in net.parameters())
+        else:
+            net, history = train_classifier(recipe, progress)
+            save_classifier(net, recipe, path)
+            entry["parameters"] = sum(p.numel() for p in net.parameters())
+            entry["val_accuracy"] = accuracy(lambda x: net(_normalize(x)))
+            log(f"[{name}] held-out accuracy {entry['val_accuracy']:.4f}")
+        entry.update(seconds=round(time.time() - t0, 1), file=FILES[name], bytes=os.path.getsize(path),
+                     loss_every_10=[round(v, 5) for v in _thin(history)])
+        record[name] = entry
+        with open(record_path, "w") as f:
+            json.dump(record, f, indent=1)
+        log(f"[{name}] saved {path} ({entry['bytes'] / 1e6:.2f} MB) in {entry['seconds']:.0f} s")
+    return record
+
+
+def plot_loss_curves(record: dict, path: str) -> None:
+    """One panel per model: its recorded training loss (means over 10 iterations)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in FILES if n in record]
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 2.8), squeeze=False)
+    for ax, n in zip(axes[0], names):
+        curve = record[n]["loss_every_10"]
+        ax.plot([10 * i for i in range(len(curve))], curve)
+        ax.set_title(f"{n} ({record[n]['seconds']:.0f} s)", fontsize=9)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("training loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
