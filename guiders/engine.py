@@ -76,6 +76,9 @@ class GFCGEngine:
     skip_unit_negative: bool = True   # like ComfyUI: cfg == 1 skips the negative branch
     schedule: GFCGSchedule = field(init=False)
     trace: List[TraceEntry] = field(default_factory=list)
+    # optional per-row desired classes [B] (the headless testbed samples several classes in one
+    # batch); None: every row wants config.desired_class (the ComfyUI guider's case)
+    desired_rows: Optional[torch.Tensor] = None
     _generator: Optional[torch.Generator] = field(default=None, init=False)
     _seed: int = field(default=0, init=False)
     _previous: Optional[torch.Tensor] = field(default=None, init=False)
@@ -106,9 +109,14 @@ class GFCGEngine:
     def _decide(self, step: int, sigma: float, logits: torch.Tensor) -> core.Decision:
         c = self.config
         probs = core.class_probabilities(logits, c.temperature)
-        if not 0 <= c.desired_class < probs.shape[1]:
-            raise ValueError(f"desired_class index {c.desired_class} is outside the classifier's 0..{probs.shape[1] - 1}")
-        desired = torch.full((probs.shape[0],), c.desired_class, dtype=torch.long, device=probs.device)
+        if self.desired_rows is not None:
+            desired = self.desired_rows.to(probs.device, torch.long)
+            if desired.shape != probs.shape[:1]:
+                raise ValueError(f"desired_rows has {desired.shape[0]} entries for a batch of {probs.shape[0]}")
+        else:
+            desired = torch.full((probs.shape[0],), c.desired_class, dtype=torch.long, device=probs.device)
+        if desired.numel() and not (0 <= int(desired.min()) and int(desired.max()) < probs.shape[1]):
+            raise ValueError(f"desired class index {int(desired.max())} is outside the classifier's 0..{probs.shape[1] - 1}")
         gen = self._rng(probs.device) if c.reference_mode == "stochastic" else None
         d = core.decide(probs, desired, c.tau, c.alpha, c.beta, c.reference_mode, c.fixed_reference, gen)
         self.schedule.record(step, d)

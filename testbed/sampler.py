@@ -23,16 +23,17 @@ METHODS = {"none": ("none", False), "cfg": ("cfg", False), "atg": ("atg", False)
            "gfcg": ("none", True), "gfcg+cfg": ("cfg", True), "gfcg+atg": ("atg", True)}
 
 
-def branch_forward(net, x: torch.Tensor, sigma: float, branches: Sequence[Branch], desired: int,
+def branch_forward(net, x: torch.Tensor, sigma: float, branches: Sequence[Branch], desired: torch.Tensor,
                    num_classes: int) -> List[torch.Tensor]:
     """All requested branches of one model in ONE forward: rows of x with their class labels
-    (positive = desired class, negative = zero label, reference = each row's reference class)."""
+    (positive = each row's desired class [B], negative = zero label, reference = each row's
+    reference class)."""
     xs, labels, sizes = [], [], []
     for b in branches:
         xb = x if b.rows is None else x[b.rows]
         n = xb.shape[0]
         if b.cond == "positive":
-            lab = F.one_hot(torch.full((n,), desired, dtype=torch.long, device=x.device), num_classes).float()
+            lab = F.one_hot(desired if b.rows is None else desired[b.rows], num_classes).float()
         elif b.cond == "negative":
             lab = torch.zeros(n, num_classes, device=x.device)
         else:
@@ -52,25 +53,34 @@ class SampleResult:
 
 
 @torch.no_grad()
-def sample(main, classifier: Callable[[torch.Tensor], torch.Tensor], method: str, desired: int, n: int,
+def sample(main, classifier: Callable[[torch.Tensor], torch.Tensor], method: str, desired, n: int,
            seed: int = 0, steps: int = 32, guide=None, cfg_scale: float = 2.0, atg_scale: float = 2.0,
            gfcg: Optional[GFCGConfig] = None, mode: str = "additive", num_classes: int = 10,
-           shape=(3, 32, 32), progress: Optional[Callable[[int], None]] = None) -> SampleResult:
+           shape=(3, 32, 32), progress: Optional[Callable[[int], None]] = None,
+           sigmas: Optional[torch.Tensor] = None) -> SampleResult:
     """Heun (2nd order, Euler on the last step) from sigma_max = 80 to 0 on EDM2's rho = 7 schedule.
 
+    ``sigmas`` (optional) replaces the schedule (then ``steps`` = len(sigmas) - 1), e.g. ComfyUI's
+    own float32 karras sigmas for a bit-level comparison.
+    ``desired``: one class for all rows, or a sequence / tensor of ``n`` classes (one per row).
     ``classifier`` maps images in [0, 1] to logits; the engine sees x0 through it. Noise: one
     ``torch.randn`` of [n, *shape] from ``torch.Generator().manual_seed(seed)``, times sigma_0.
     """
+    rows = torch.as_tensor(desired, dtype=torch.long).flatten()
+    rows = rows.expand(n).clone() if rows.numel() == 1 else rows
+    if rows.shape[0] != n or int(rows.min()) < 0 or int(rows.max()) >= num_classes:
+        raise ValueError(f"desired: expected one class or {n} classes in 0..{num_classes - 1}, got {desired!r}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
     combine, use_gfcg = METHODS[method]
     if combine == "atg" and guide is None:
         raise ValueError("method uses autoguidance but no guide model was given")
-    cfg = gfcg if gfcg is not None else GFCGConfig(desired_class=desired)
-    cfg = dataclasses.replace(cfg, desired_class=desired, tau=cfg.tau if use_gfcg else 0.0)
+    cfg = gfcg if gfcg is not None else GFCGConfig(desired_class=0)
+    cfg = dataclasses.replace(cfg, desired_class=int(rows[0]), tau=cfg.tau if use_gfcg else 0.0)
     scale = {"cfg": cfg_scale, "atg": atg_scale}.get(combine, 1.0)
-    engine = GFCGEngine(cfg, combine=combine, mode=mode, scale=scale)
-    sigmas = edm_sigmas(steps)
+    engine = GFCGEngine(cfg, combine=combine, mode=mode, scale=scale, desired_rows=rows)
+    sigmas = edm_sigmas(steps) if sigmas is None else torch.as_tensor(sigmas, dtype=torch.float32)
+    steps = len(sigmas) - 1
     engine.begin(sigmas, seed)
     g = torch.Generator().manual_seed(int(seed))
     x = torch.randn(n, *shape, generator=g) * float(sigmas[0])
@@ -83,24 +93,27 @@ def sample(main, classifier: Callable[[torch.Tensor], torch.Tensor], method: str
         def main_eval(branches):
             nonlocal evals
             evals += sum(xc.shape[0] if b.rows is None else int(b.rows.numel()) for b in branches)
-            return branch_forward(main, xc, s, branches, desired, num_classes)
+            return branch_forward(main, xc, s, branches, rows, num_classes)
 
         def guide_eval(branches):
             nonlocal evals
             evals += sum(xc.shape[0] if b.rows is None else int(b.rows.numel()) for b in branches)
-            return branch_forward(guide, xc, s, branches, desired, num_classes)
+            return branch_forward(guide, xc, s, branches, rows, num_classes)
 
         return engine.denoise(xc, s, main_eval, classify, guide_eval if combine == "atg" else None).denoised
 
     for i in range(steps):
+        # Heun: slope dx/dsigma = (x - D) / sigma at both ends, averaged; Euler onto sigma = 0.
+        # (float32 sigmas and step dt, in this order of operations, like k-diffusion's sampler.)
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-        d = denoise(x, s)
-        dxdt = (x - d) / s
-        x_next = x + (s_next - s) * dxdt
+        dt = float(sigmas[i + 1] - sigmas[i])
+        slope = (x - denoise(x, s)) / s
+        x_euler = x + slope * dt
         if s_next > 0:
-            d2 = denoise(x_next, s_next)
-            x_next = x + (s_next - s) * (dxdt + (x_next - d2) / s_next) / 2
-        x = x_next
+            slope2 = (x_euler - denoise(x_euler, s_next)) / s_next
+            x = x + (slope + slope2) / 2 * dt
+        else:
+            x = x_euler
         if progress is not None:
             progress(i)
     return SampleResult(x, evals / n, engine.trace)

@@ -90,3 +90,19 @@ def test_headless_sampler_methods_and_costs():
     assert torch.equal(r0.images, out["none"].images)
     with pytest.raises(ValueError, match="no guide model"):
         sample(main, clf, "atg", desired=3, n=1, steps=2)
+    # per-row desired classes: one class for all rows is the same as that class repeated; the
+    # decisions use each row's own class; an explicit schedule replaces `steps`
+    g = GFCGConfig(desired_class=0, tau=1.0, alpha=2.0)
+    a = sample(main, clf, "gfcg+cfg", desired=3, n=2, seed=5, steps=4, gfcg=g)
+    b = sample(main, clf, "gfcg+cfg", desired=[3, 3], n=2, seed=5, steps=4, gfcg=g)
+    assert torch.equal(a.images, b.images)
+    c = sample(main, clf, "gfcg+cfg", desired=[3, 7], n=2, seed=5, steps=4, gfcg=g)
+    # (row 0 is the same computation, but in forwards of other batch sizes: equal up to round-off)
+    torch.testing.assert_close(c.images[0], a.images[0], rtol=0, atol=1e-4)
+    assert (c.images[1] - a.images[1]).abs().max() > 1e-2
+    assert all(r != 7 for r in c.trace[0].reference)     # never the row's own desired class
+    from comfyui_gfcg.testbed.toy import edm_sigmas
+    d = sample(main, clf, "none", desired=3, n=2, seed=5, sigmas=edm_sigmas(4))
+    assert torch.equal(d.images, out["none"].images)
+    with pytest.raises(ValueError, match="desired"):
+        sample(main, clf, "none", desired=[3, 10], n=2, steps=2)
