@@ -9,6 +9,7 @@ import comfy.model_patcher
 import folder_paths
 
 from ..comfy_folders import ensure_folder
+from ..testbed.files import CLASSIFIER_DIR
 from .timm_classifier import WEIGHT_EXTENSIONS, ImageClassifier
 
 FOLDER_KEY = "gfcg_classifiers"
@@ -17,7 +18,8 @@ FOLDER_KEY = "gfcg_classifiers"
 def register_folder() -> None:
     """``models/gfcg_classifiers`` (and ``models/classifiers``, whose built-in key lists only files
     without an extension) under the pack's own key, for .safetensors / .pt / .pth files."""
-    paths = [os.path.join(folder_paths.models_dir, FOLDER_KEY), os.path.join(folder_paths.models_dir, "classifiers")]
+    paths = [os.path.join(folder_paths.models_dir, FOLDER_KEY), os.path.join(folder_paths.models_dir, "classifiers"),
+             CLASSIFIER_DIR]  # the pack's own testbed classifiers
     ensure_folder(FOLDER_KEY, paths, WEIGHT_EXTENSIONS)
 
 

@@ -18,6 +18,7 @@ import comfy.supported_models_base
 import folder_paths
 
 from ..comfy_folders import ensure_folder
+from ..testbed.files import EDM2_DIR
 from .checkpoint import CheckpointError, EDM2Checkpoint, build_network, read_checkpoint
 from .latents import EDM2_DEFAULT_ENCODER, RAW_MEAN, edm2_to_raw, preview_factors, raw_to_edm2
 
@@ -28,8 +29,8 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def register_folder() -> None:
-    """``models/edm2`` under the pack's key ``edm2`` (.pkl / .safetensors / .sft)."""
-    ensure_folder(FOLDER_KEY, [os.path.join(folder_paths.models_dir, FOLDER_KEY)], EXTENSIONS)
+    """``models/edm2`` and the pack's testbed models under the pack's key ``edm2`` (.pkl / .safetensors / .sft)."""
+    ensure_folder(FOLDER_KEY, [os.path.join(folder_paths.models_dir, FOLDER_KEY), EDM2_DIR], EXTENSIONS)
 
 
 def list_checkpoints():
@@ -144,12 +145,23 @@ class EDM2DiffusionModel(torch.nn.Module):
         return self.net.raw(x, timesteps, y)
 
 
+def edm_noise_scaling(sigma, noise, latent_image, max_denoise=False):
+    """EDM's starting point x = latent + sigma * noise, at sigma_max too (EDM2 draws x_0 = sigma_max n).
+
+    ComfyUI's EPS family scales the noise by sqrt(1 + sigma^2) when it starts from sigma_max (it
+    assumes unit-variance data); for EDM2 that is 80.006 instead of 80, and it would keep ComfyUI
+    from reproducing the EDM sampler (and the pack's headless sampler) for the same seed."""
+    sigma = torch.as_tensor(sigma, dtype=noise.dtype, device=noise.device).reshape(-1, *([1] * (noise.ndim - 1)))
+    return noise * sigma + latent_image
+
+
 class EDM2Model(comfy.model_base.BaseModel):
     """An EDM2 network as a ComfyUI model (EDM prediction, sigma_data 0.5, sigmas 0.002..80)."""
 
     def __init__(self, net, ckpt: EDM2Checkpoint, device=None):
         super().__init__(EDM2ModelConfig(latent_format_for(ckpt)), comfy.model_base.ModelType.EDM, device=device)
         self.diffusion_model = EDM2DiffusionModel(net)
+        self.model_sampling.noise_scaling = edm_noise_scaling
         self.label_dim = ckpt.config.label_dim
         self.edm2_source = ckpt.source
         self.edm2_family = ckpt.family

@@ -125,19 +125,24 @@ class EDM2EmptyLatent(io.ComfyNode):
             display_name="EDM2 Empty Latent",
             category=CATEGORY,
             description="Empty LATENT of EDM2's shape: img512 = 4x64x64 SD-VAE latents (filled with EDM2's raw latent "
-                        "mean, i.e. exactly 0 in the model's normalised space), img64 = 3x64x64 pixels.",
+                        "mean, i.e. exactly 0 in the model's normalised space), img64 = 3x64x64 pixels; 'pixels' "
+                        "families at other sizes (the pack's 32x32 testbed models) through 'resolution'.",
             inputs=[
                 io.Combo.Input("family", options=["img512", "img64"], default="img512",
                                tooltip="img512: ImageNet-512 latent models (edm2-img512-*); img64: ImageNet-64 pixel "
                                        "models (edm2-img64-*)."),
                 io.Int.Input("batch_size", default=1, min=1, max=4096, tooltip="Number of images."),
+                io.Int.Input("resolution", default=64, min=8, max=512, step=8, optional=True,
+                             tooltip="Side of the latent: 64 for both EDM2 families (img512: 64x64 latents = "
+                                     "512x512 images; img64: 64x64 pixels); 32 for the pack's testbed models "
+                                     "(family img64, pixels)."),
             ],
             outputs=[io.Latent.Output(tooltip="The empty latent batch.")],
         )
 
     @classmethod
-    def execute(cls, family, batch_size) -> io.NodeOutput:
-        return io.NodeOutput({"samples": empty_latent(family, batch_size)})
+    def execute(cls, family, batch_size, resolution=64) -> io.NodeOutput:
+        return io.NodeOutput({"samples": empty_latent(family, batch_size, int(resolution))})
 
 
 def _is_pixel_space(vae) -> bool:

@@ -2,8 +2,13 @@
 ``../ComfyUI`` beside the repo, or the repo sitting in ``ComfyUI/custom_nodes``) and skip with the
 reason otherwise."""
 import asyncio
+import json
 import os
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -57,3 +62,80 @@ def load_comfy():
 @pytest.fixture(scope="session")
 def comfy():
     return load_comfy()
+
+
+# ----------------------------------------------------------------------------------------------
+# A real ComfyUI server, for the HTTP API tests
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """A ComfyUI server (--cpu) with the pack in custom_nodes and a yaml-added models/edm2 folder holding
+    a tiny NVlabs-format img64 net and a malicious pickle; yields (url, log path, base folder)."""
+    import edm2_helpers as H
+
+    if COMFYUI is None:
+        pytest.skip(SKIP_REASON)
+    base = tmp_path_factory.mktemp("comfy_server")
+    custom = base / "custom_nodes"
+    custom.mkdir()
+    for sub in ("out", "tmp", "user"):
+        (base / sub).mkdir()
+    os.symlink(REPO, custom / "comfyui-gfcg")
+    edm2_dir = base / "models" / "edm2"
+    edm2_dir.mkdir(parents=True)
+    tiny = H.small_cfg("img64", 1000)
+    (edm2_dir / "edm2-img64-tiny.pkl").write_bytes(H.nvlabs_pickle_bytes(tiny, H.random_state_dict(tiny), base / "SENTINEL", "rgb"))
+    (edm2_dir / "edm2-evil.pkl").write_bytes(b"cos\nsystem\n(S'touch " + str(base / "SENTINEL").encode() + b"'\ntR.")
+    cfg = base / "extra_model_paths.yaml"
+    cfg.write_text(f"gfcg_test:\n  base_path: {base}\n  custom_nodes: custom_nodes\n  edm2: models/edm2\n")
+    port = _free_port()
+    log = open(base / "server.log", "w")
+    cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+           "--extra-model-paths-config", str(cfg), "--output-directory", str(base / "out"),
+           "--temp-directory", str(base / "tmp"), "--user-directory", str(base / "user"),
+           "--database-url", "sqlite:///:memory:", "--disable-api-nodes", "--dont-print-server"]
+    env = dict(os.environ, PYTHONPATH="")
+    proc = subprocess.Popen(cmd, cwd=COMFYUI, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"ComfyUI exited: {(base / 'server.log').read_text()[-3000:]}")
+            try:
+                urllib.request.urlopen(url + "/system_stats", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        else:
+            pytest.fail("ComfyUI did not start within 180 s")
+        yield url, base / "server.log", base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def api_post(url, path, payload):
+    req = urllib.request.Request(url + path, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
+    return json.load(urllib.request.urlopen(req, timeout=30))
+
+
+def api_wait(url, prompt_id, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        hist = json.load(urllib.request.urlopen(f"{url}/history/{prompt_id}", timeout=30))
+        if prompt_id in hist and hist[prompt_id].get("status", {}).get("completed") is not None:
+            return hist[prompt_id]
+        time.sleep(1)
+    pytest.fail("prompt did not finish")

@@ -1,75 +1,15 @@
 """ComfyUI started as a server with the pack in custom_nodes: no import errors, every node in
 /object_info with a description and a tooltip on every input."""
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
 
 import pytest
 
-import edm2_helpers as H
-from conftest import COMFYUI, REPO, SKIP_REASON
+from conftest import api_post, api_wait
 
 pytestmark = pytest.mark.comfy
 PACK_NODES = ("GFCGLoadImageClassifier", "GFCGGuider", "GFCGCombiner", "GFCGLoadEDM2Model", "GFCGEDM2ClassLabel",
               "GFCGEDM2EmptyLatent", "GFCGEDM2VAEDecode", "GFCGEDM2VAEEncode")
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    if COMFYUI is None:
-        pytest.skip(SKIP_REASON)
-    base = tmp_path_factory.mktemp("comfy_server")
-    custom = base / "custom_nodes"
-    custom.mkdir()
-    for sub in ("out", "tmp", "user"):
-        (base / sub).mkdir()
-    os.symlink(REPO, custom / "comfyui-gfcg")
-    edm2_dir = base / "models" / "edm2"
-    edm2_dir.mkdir(parents=True)
-    tiny = H.small_cfg("img64", 1000)
-    (edm2_dir / "edm2-img64-tiny.pkl").write_bytes(H.nvlabs_pickle_bytes(tiny, H.random_state_dict(tiny), base / "SENTINEL", "rgb"))
-    (edm2_dir / "edm2-evil.pkl").write_bytes(b"cos\nsystem\n(S'touch " + str(base / "SENTINEL").encode() + b"'\ntR.")
-    cfg = base / "extra_model_paths.yaml"
-    cfg.write_text(f"gfcg_test:\n  base_path: {base}\n  custom_nodes: custom_nodes\n  edm2: models/edm2\n")
-    port = _free_port()
-    log = open(base / "server.log", "w")
-    cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-           "--extra-model-paths-config", str(cfg), "--output-directory", str(base / "out"),
-           "--temp-directory", str(base / "tmp"), "--user-directory", str(base / "user"),
-           "--database-url", "sqlite:///:memory:", "--disable-api-nodes", "--dont-print-server"]
-    env = dict(os.environ, PYTHONPATH="")
-    proc = subprocess.Popen(cmd, cwd=COMFYUI, stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(f"ComfyUI exited: {(base / 'server.log').read_text()[-3000:]}")
-            try:
-                urllib.request.urlopen(url + "/system_stats", timeout=2)
-                break
-            except OSError:
-                time.sleep(1)
-        else:
-            pytest.fail("ComfyUI did not start within 180 s")
-        yield url, base / "server.log", base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def test_pack_loads_without_import_errors(server):
@@ -91,21 +31,6 @@ def test_object_info_has_every_node_with_tooltips(server):
             for inp, spec in node["input"].get(section, {}).items():
                 assert len(spec) > 1 and spec[1].get("tooltip"), f"{name}.{inp}: no tooltip"
         assert all(node.get("output_tooltips", [None]))
-
-
-def _post(url, path, payload):
-    req = urllib.request.Request(url + path, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
-    return json.load(urllib.request.urlopen(req, timeout=30))
-
-
-def _wait_history(url, prompt_id, timeout=240):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        hist = json.load(urllib.request.urlopen(f"{url}/history/{prompt_id}", timeout=30))
-        if prompt_id in hist and hist[prompt_id].get("status", {}).get("completed") is not None:
-            return hist[prompt_id]
-        time.sleep(1)
-    pytest.fail("prompt did not finish")
 
 
 def edm2_api_prompt(ckpt):
@@ -132,14 +57,14 @@ def test_edm2_headless_api_run_and_refused_checkpoint(server):
     spec = info["GFCGLoadEDM2Model"]["input"]["required"]["ckpt_name"]
     options = spec[1]["options"] if spec[0] == "COMBO" else spec[0]
     assert "edm2-img64-tiny.pkl" in options and "edm2-evil.pkl" in options
-    pid = _post(url, "/prompt", {"prompt": edm2_api_prompt("edm2-img64-tiny.pkl")})["prompt_id"]
-    h = _wait_history(url, pid)
+    pid = api_post(url, "/prompt", {"prompt": edm2_api_prompt("edm2-img64-tiny.pkl")})["prompt_id"]
+    h = api_wait(url, pid)
     assert h["status"]["status_str"] == "success", h["status"]
     imgs = h["outputs"]["8"]["images"]
     assert len(imgs) == 1 and (base / "out" / imgs[0]["filename"]).is_file()
 
-    pid = _post(url, "/prompt", {"prompt": edm2_api_prompt("edm2-evil.pkl")})["prompt_id"]
-    h = _wait_history(url, pid)
+    pid = api_post(url, "/prompt", {"prompt": edm2_api_prompt("edm2-evil.pkl")})["prompt_id"]
+    h = api_wait(url, pid)
     assert h["status"]["status_str"] == "error"
     text = json.dumps(h["status"]["messages"])
     assert "ckpt_name: EDM2 checkpoint 'edm2-evil.pkl' refused" in text and "system" in text, text[:2000]

@@ -1,0 +1,87 @@
+"""The shipped testbed workflow (GFCG + autoguidance on the pack's 32x32 testbed models), run
+through ComfyUI's HTTP API, against the headless sampler on the same seed and settings; and the
+editor form of the workflow against its API form."""
+import json
+import os
+import urllib.request
+
+import pytest
+import torch
+
+from conftest import REPO, api_post, api_wait
+from workflow_format import api_to_ui, strip_meta, ui_to_api
+
+pytestmark = pytest.mark.comfy
+API = REPO / "workflows" / "testbed_gfcg_atg_api.json"
+UI = REPO / "workflows" / "testbed_gfcg_atg.json"
+
+
+def _object_info(url):
+    return json.load(urllib.request.urlopen(url + "/object_info", timeout=60))
+
+
+def test_testbed_workflow_editor_form_matches_api_form(server):
+    url, _, _ = server
+    info = _object_info(url)
+    api = json.loads(API.read_text())
+    ui = api_to_ui(api, info)
+    if os.environ.get("GFCG_WRITE_WORKFLOWS"):
+        UI.write_text(json.dumps(ui, indent=1) + "\n")
+    committed = json.loads(UI.read_text())
+    assert committed == ui, "workflows/testbed_gfcg_atg.json is stale: rerun with GFCG_WRITE_WORKFLOWS=1"
+    assert ui_to_api(committed, info) == strip_meta(api)
+
+
+def _comfy_sigmas(steps):
+    """The sigmas ComfyUI's BasicScheduler(karras) gives an EDM2 model (its own code, in this process)."""
+    from conftest import load_comfy
+
+    load_comfy()
+    import comfy.model_sampling
+    import comfy.samplers
+
+    from comfyui_gfcg.edm2.comfy_model import SAMPLING
+
+    ms = comfy.model_sampling.ModelSamplingContinuousEDM()
+    ms.set_parameters(SAMPLING["sigma_min"], SAMPLING["sigma_max"], SAMPLING["sigma_data"])
+    return comfy.samplers.calculate_sigmas(ms, "karras", steps).float()
+
+
+def test_testbed_workflow_reproduces_the_headless_sampler(server):
+    from safetensors.torch import load_file
+
+    from comfyui_gfcg.guiders.config import GFCGConfig
+    from comfyui_gfcg.testbed.models import load_testbed
+    from comfyui_gfcg.testbed.sampler import sample
+
+    url, _, base = server
+    api = json.loads(API.read_text())
+    prompt = strip_meta(api)
+    prompt["99"] = {"class_type": "SaveLatent", "inputs": {"samples": ["11", 0], "filename_prefix": "gfcg_parity"}}
+    pid = api_post(url, "/prompt", {"prompt": prompt})["prompt_id"]
+    h = api_wait(url, pid)
+    assert h["status"]["status_str"] == "success", h["status"]
+    msgs = {m[0]: m[1] for m in h["status"]["messages"]}
+    seconds = (msgs["execution_success"]["timestamp"] - msgs["execution_start"]["timestamp"]) / 1000
+    lat = h["outputs"]["99"]["latents"][0]
+    latent_file = base / "out" / lat["subfolder"] / lat["filename"]
+    comfy_x = load_file(str(latent_file))["latent_tensor"].float()
+
+    g, c, s = api["6"]["inputs"], api["7"]["inputs"], api["10"]["inputs"]
+    cfg = GFCGConfig(desired_class=6, tau=g["tau"], alpha=g["alpha"], beta=g["beta"], window_start=g["window_start"],
+                     window_end=g["window_end"], period=g["period"], reference_mode=g["reference"],
+                     classify_input=g["classify_input"], temperature=g["temperature"])
+    tb = load_testbed("float32")
+    n = api["5"]["inputs"]["batch_size"]
+    sigmas = _comfy_sigmas(s["steps"])
+    r = sample(tb.main, tb.guidance_classifier, "gfcg+atg", 6, n, seed=api["8"]["inputs"]["noise_seed"],
+               guide=tb.guide, atg_scale=c["scale"], gfcg=cfg, mode=c["mode"], sigmas=sigmas)
+    diff = (comfy_x - r.images).abs().max().item()
+    print(f"ComfyUI run {seconds:.2f} s; max |ComfyUI - headless| = {diff:.3g} (pixels in [-1, 1])")
+    assert comfy_x.shape == r.images.shape == (n, 3, 32, 32)
+    # The same noise, sigmas, decisions and arithmetic; only the preconditioning is written in a
+    # different order of float32 operations (ComfyUI's model_sampling vs the EDM2 module), so
+    # agreement is to round-off: well below one 8-bit level (2/255 in [-1, 1]).
+    assert diff < 1e-3
+    png = h["outputs"]["14"]["images"]
+    assert len(png) == n
