@@ -1,4 +1,4 @@
-"""``python -m comfyui_gfcg demo``: the analytic toy demo (see testbed/toy.py)."""
+"""``python -m comfyui_gfcg demo | bench | sweep | train | toy``: the testbed's commands."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +7,27 @@ import os
 import sys
 
 
+def _settings(args):
+    from .testbed.bench import Settings
+
+    return Settings(steps=args.steps, dtype=args.dtype)
+
+
 def demo(args) -> int:
+    from .testbed.bench import METHOD_LABELS, demo as run_demo
+
+    print(f"GFCG testbed demo: 6 methods x 10 classes x {args.n_per_class} samples, {args.steps} Heun steps, "
+          f"seed {args.seed}, {args.dtype} trunk")
+    res = run_demo(args.out, n_per_class=args.n_per_class, seed=args.seed, settings=_settings(args))
+    print(f"{'method':<10} {'class precision':>16} {'NFE / image':>12}")
+    for r in res["rows"]:
+        print(f"{METHOD_LABELS[r['method']]:<10} {r['class_precision']:>16.3f} {r['nfe']:>12.1f}")
+    print(f"({res['n_per_class'] * 10} samples per method: a glimpse; `python -m comfyui_gfcg bench` has the numbers)")
+    print(f"wrote {os.path.join(args.out, 'demo_grid.png')} and demo.json in {res['seconds']:.0f} s")
+    return 0
+
+
+def toy(args) -> int:
     from .testbed.toy import Toy, sample
 
     toy = Toy()
@@ -32,15 +52,79 @@ def demo(args) -> int:
     return 0
 
 
+def bench(args) -> int:
+    from .testbed.bench import benchmark, markdown_table, plot_benchmark
+
+    res = benchmark(args.methods, n_per_class=args.n_per_class, settings=_settings(args), seed=args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    table = markdown_table(res)
+    with open(os.path.join(args.out, "bench.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    with open(os.path.join(args.out, "bench.md"), "w") as f:
+        f.write(table)
+    plot_benchmark(res, os.path.join(args.out, "bench.png"))
+    print(table)
+    if "gfcg_minus_none" in res:
+        print(f"GFCG - none class precision: {res['gfcg_minus_none']:+.3f} (one-sided 99 % lower bound "
+              f"{res['gfcg_minus_none_lower99']:+.3f}, paired over {res['n_per_method']} shared noises)")
+    print(f"wrote bench.json, bench.md and bench.png to {args.out}")
+    return 0
+
+
+def sweep(args) -> int:
+    from .testbed.bench import run_sweep
+
+    run_sweep(args.out, n_per_class=args.n_per_class, settings=_settings(args), seed=args.seed, only=args.only)
+    return 0
+
+
+def train(args) -> int:
+    import torch
+
+    from .testbed.files import FILES, WEIGHTS_DIR
+    from .testbed.train import plot_loss_curves, train_testbed
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    names = args.only or list(FILES)
+    bad = [n for n in names if n not in FILES]
+    if bad:
+        print(f"--only: unknown model(s) {bad}; allowed: {list(FILES)}", file=sys.stderr)
+        return 2
+    out = args.out or WEIGHTS_DIR
+    record = train_testbed(names, out)
+    plot_loss_curves(record, os.path.join(out, "loss_curves.png"))
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m comfyui_gfcg")
     sub = p.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="analytic toy demo: class precision per guidance method")
-    d.add_argument("--n", type=int, default=2000)
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--out", default="out")
+    def sampling_args(q, n_per_class, out, seed=0):
+        q.add_argument("--n-per-class", type=int, default=n_per_class, help="samples per class and method")
+        q.add_argument("--seed", type=int, default=seed, help="noise seed of the first batch (then +1 per batch)")
+        q.add_argument("--steps", type=int, default=18, help="Heun steps on the EDM2 sigma schedule")
+        q.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
+                       help="the diffusion models' trunk dtype (the classifiers stay float32)")
+        q.add_argument("--out", default=out)
+
+    d = sub.add_parser("demo", help="testbed demo: a grid of every guidance method x class, with precision")
+    sampling_args(d, 2, "out")
+    b = sub.add_parser("bench", help="testbed benchmark: precision, FD, precision/recall, NFE, time per method")
+    sampling_args(b, 100, os.path.join("testbed", "results"))
+    b.add_argument("--methods", nargs="*", default=["none", "cfg", "atg", "gfcg", "gfcg+cfg", "gfcg+atg"])
+    w = sub.add_parser("sweep", help="testbed sweep of the GFCG settings (sets the node defaults)")
+    sampling_args(w, 20, os.path.join("testbed", "results"), seed=1000)
+    w.add_argument("--only", nargs="*", default=None, help="row names to run (default: all)")
+    o = sub.add_parser("toy", help="the analytic toy: class precision per guidance method (no weights)")
+    o.add_argument("--n", type=int, default=2000)
+    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--out", default="out")
+    t = sub.add_parser("train", help="train the testbed models (weights, training.json, loss_curves.png)")
+    t.add_argument("--only", nargs="*", default=None, help="model names (default: all): main guide "
+                   "guidance_classifier eval_classifier")
+    t.add_argument("--out", default=None, help="folder (default: the pack's testbed/weights)")
     args = p.parse_args(argv)
-    return demo(args)
+    return {"train": train, "demo": demo, "bench": bench, "sweep": sweep, "toy": toy}[args.cmd](args)
 
 
 if __name__ == "__main__":

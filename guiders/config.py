@@ -59,7 +59,7 @@ class GFCGConfig:
 
     desired_class: int
     tau: float = 0.5
-    alpha: float = 2.0
+    alpha: float = 4.0
     beta: float = 1.0
     window_start: float = 0.0
     window_end: float = 1.0

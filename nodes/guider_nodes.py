@@ -50,7 +50,7 @@ class GFCGGuiderNode(io.ComfyNode):
                 io.Float.Input("tau", default=0.5, min=0.0, max=1.0, step=0.01,
                                tooltip="Confidence threshold: samples with p(desired) >= tau get no guidance; "
                                        "0 disables GFCG, 1 guides every sample that is not certain."),
-                io.Float.Input("alpha", default=2.0, min=0.0, max=50.0, step=0.05,
+                io.Float.Input("alpha", default=4.0, min=0.0, max=50.0, step=0.05,
                                tooltip="Maximum extra guidance: omega grows from 1 at p = tau to 1 + alpha at p = 0."),
                 io.Float.Input("beta", default=1.0, min=0.01, max=10.0, step=0.05,
                                tooltip="Shape of the ramp (1 - p/tau)^beta: < 1 guides hard just below tau, > 1 "

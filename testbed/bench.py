@@ -1,0 +1,296 @@
+"""The testbed's demo, benchmark and sweep: every guidance method of the pack sampled headless
+(``sampler.sample`` on the shared engine) from the committed models, then scored with the
+evaluation classifier only (``metrics``). Seeds are fixed; every method sees the same noise."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Sequence
+
+import torch
+
+from ..guiders.config import GFCGConfig
+from .dataset import CLASS_NAMES, NUM_CLASSES, SEEDS, make_split, to_unit
+from .metrics import class_precision, frechet_distance, paired_difference_bound, precision_recall
+from .models import Testbed, load_testbed, logits_and_features
+from .sampler import METHODS, sample
+
+METHOD_LABELS = {"none": "none", "cfg": "CFG", "atg": "ATG", "gfcg": "GFCG", "gfcg+cfg": "GFCG+CFG",
+                 "gfcg+atg": "GFCG+ATG"}
+
+
+@dataclass
+class Settings:
+    """One sampling configuration of the testbed (the benchmark's, unless a sweep row overrides)."""
+
+    steps: int = 18                 # EDM's 32x32 setting: 18 Heun steps, 35 evaluations
+    cfg_scale: float = 2.0
+    atg_scale: float = 2.0
+    mode: str = "additive"
+    dtype: str = "bfloat16"         # diffusion trunks (EDM2 runs fp16/bf16 trunks by design); classifiers fp32
+    gfcg: GFCGConfig = field(default_factory=lambda: GFCGConfig(desired_class=0))
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["gfcg"].pop("desired_class", None)
+        return d
+
+
+class Progress:
+    """A one-line text progress bar on stderr (total known up front)."""
+
+    def __init__(self, total: int, label: str = "", stream=sys.stderr, width: int = 30):
+        self.total, self.done, self.label, self.stream, self.width = max(1, total), 0, label, stream, width
+        self.t0 = time.time()
+
+    def update(self, k: int = 1, note: str = "") -> None:
+        self.done = min(self.total, self.done + k)
+        f = self.done / self.total
+        el = time.time() - self.t0
+        eta = el / f - el if f > 0 else 0.0
+        bar = "#" * int(f * self.width) + "-" * (self.width - int(f * self.width))
+        self.stream.write(f"\r{self.label} [{bar}] {100 * f:5.1f}% {el:5.0f}s elapsed, ~{eta:4.0f}s left {note:<14}")
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.stream.write("\n")
+        self.stream.flush()
+
+
+def class_rows(n_per_class: int) -> torch.Tensor:
+    """Requested classes of a run: 0, 1, ..., 9, 0, 1, ... (every class equally often)."""
+    return torch.arange(n_per_class * NUM_CLASSES) % NUM_CLASSES
+
+
+@torch.no_grad()
+def run_method(tb: Testbed, method: str, desired: torch.Tensor, settings: Settings, seed: int = 0,
+               batch: int = 250, progress: Optional[Progress] = None) -> dict:
+    """Sample ``len(desired)`` images with ``method``: chunks of ``batch`` rows, chunk i with noise
+    seed ``seed + i`` (so every method starts from the same noise). Returns images, NFE, seconds."""
+    images, nfe, t0 = [], 0.0, time.time()
+    for i, start in enumerate(range(0, desired.shape[0], batch)):
+        rows = desired[start:start + batch]
+        r = sample(tb.main, tb.guidance_classifier, method, rows, rows.shape[0], seed=seed + i,
+                   steps=settings.steps, guide=tb.guide, cfg_scale=settings.cfg_scale, atg_scale=settings.atg_scale,
+                   gfcg=settings.gfcg, mode=settings.mode, num_classes=NUM_CLASSES,
+                   progress=(lambda _s: progress.update(1, method)) if progress else None)
+        images.append(r.images)
+        nfe += r.nfe * rows.shape[0]
+    return {"images": torch.cat(images), "nfe": nfe / desired.shape[0], "seconds": time.time() - t0}
+
+
+@torch.no_grad()
+def eval_outputs(tb: Testbed, images: torch.Tensor, chunk: int = 500):
+    """Evaluation classifier on images in [-1, 1]: (logits, penultimate features)."""
+    outs = [logits_and_features(tb.eval_classifier, to_unit(images[i:i + chunk])) for i in range(0, len(images), chunk)]
+    return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+
+
+def reference_features(tb: Testbed, n: int) -> torch.Tensor:
+    """Penultimate features of ``n`` held-out real images (their own data seed, balanced classes)."""
+    real, _ = make_split(n, SEEDS["reference"])
+    return eval_outputs(tb, real)[1]
+
+
+def score(tb: Testbed, images: torch.Tensor, desired: torch.Tensor, real_feats: torch.Tensor, k: int = 3) -> dict:
+    logits, feats = eval_outputs(tb, images)
+    hits = logits.argmax(1) == desired
+    pr, rc = precision_recall(real_feats[:feats.shape[0]], feats, k)
+    return {"class_precision": class_precision(logits, desired), "fd": frechet_distance(feats, real_feats),
+            "precision": pr, "recall": rc, "hits": hits}
+
+
+# --------------------------------------------------------------------------------------------------
+# Benchmark
+
+
+def benchmark(methods: Sequence[str], n_per_class: int = 100, settings: Optional[Settings] = None, seed: int = 0,
+              n_real: int = 5000, tb: Optional[Testbed] = None) -> dict:
+    settings = settings or Settings()
+    tb = tb or load_testbed(settings.dtype)
+    desired = class_rows(n_per_class)
+    real = reference_features(tb, n_real)
+    chunks = math.ceil(desired.shape[0] / 250)
+    prog = Progress(len(methods) * chunks * settings.steps, "bench")
+    rows, hits = [], {}
+    for m in methods:
+        out = run_method(tb, m, desired, settings, seed, progress=prog)
+        s = score(tb, out["images"], desired, real)
+        hits[m] = s.pop("hits")
+        rows.append({"method": m, **s, "nfe": out["nfe"], "seconds": out["seconds"]})
+    prog.close()
+    if "gfcg" in hits and "none" in hits:
+        mean, lo = paired_difference_bound(hits["gfcg"], hits["none"])
+        extra = {"gfcg_minus_none": mean, "gfcg_minus_none_lower99": lo}
+    else:
+        extra = {}
+    return {"n_per_class": n_per_class, "n_per_method": int(desired.shape[0]), "n_real": n_real, "seed": seed,
+            "settings": settings.as_dict(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "rows": rows, **extra}
+
+
+def markdown_table(result: dict) -> str:
+    lines = ["| method | class precision ↑ | FD ↓ | precision ↑ | recall ↑ | NFE / image | wall time (s) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in result["rows"]:
+        lines.append(f"| {METHOD_LABELS.get(r['method'], r['method'])} | {r['class_precision']:.3f} | {r['fd']:.2f} | "
+                     f"{r['precision']:.3f} | {r['recall']:.3f} | {r['nfe']:.1f} | {r['seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_benchmark(result: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    names = [METHOD_LABELS.get(r["method"], r["method"]) for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    axes[0].bar(names, [r["class_precision"] for r in rows], color="tab:blue")
+    axes[0].set_title("class precision (eval classifier) ↑")
+    axes[0].set_ylim(0, 1)
+    axes[1].bar(names, [r["fd"] for r in rows], color="tab:orange")
+    axes[1].set_title("FD (eval-classifier features) ↓")
+    for r, nm in zip(rows, names):
+        axes[2].scatter(r["recall"], r["precision"], s=20 + 2 * r["nfe"])
+        axes[2].annotate(nm, (r["recall"], r["precision"]), fontsize=8, xytext=(3, 3), textcoords="offset points")
+    axes[2].set_xlabel("recall ↑")
+    axes[2].set_ylabel("precision ↑")
+    axes[2].set_title("k-NN precision / recall (marker ~ NFE)")
+    for ax in axes[:2]:
+        ax.tick_params(axis="x", rotation=30)
+    fig.suptitle(f"testbed, {result['n_per_method']} samples per method, {result['settings']['steps']} Heun steps",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------------
+# Demo
+
+
+def image_grid(images: Dict[str, torch.Tensor], desired: torch.Tensor, labels: Dict[str, str], zoom: int = 2):
+    """Rows = methods, columns = classes; each cell holds that method's samples of that class side
+    by side. ``images[m]``: [N, 3, 32, 32] in [-1, 1], row i requested class ``desired[i]``."""
+    from PIL import Image, ImageDraw
+
+    per = int((desired == 0).sum())
+    res = next(iter(images.values())).shape[-1] * zoom
+    left, top, pad = 150, 22, 4
+    cell_w = per * res + pad
+    w, h = left + NUM_CLASSES * cell_w, top + len(images) * (res + pad)
+    canvas = Image.new("RGB", (w, h), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for c, name in enumerate(CLASS_NAMES):
+        draw.text((left + c * cell_w + 2, 5), name, fill=(0, 0, 0))
+    for r, (m, imgs) in enumerate(images.items()):
+        y = top + r * (res + pad)
+        draw.text((4, y + res // 2 - 12), labels[m], fill=(0, 0, 0))
+        pix = (to_unit(imgs) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        for c in range(NUM_CLASSES):
+            idx = (desired == c).nonzero().squeeze(1).tolist()
+            for j, i in enumerate(idx):
+                tile = Image.fromarray(pix[i]).resize((res, res), Image.NEAREST)
+                canvas.paste(tile, (left + c * cell_w + j * res, y))
+    return canvas
+
+
+def demo(out_dir: str, n_per_class: int = 2, seed: int = 0, settings: Optional[Settings] = None,
+         methods: Sequence[str] = tuple(METHODS)) -> dict:
+    """Sample every method for every class from the same noise, score with the evaluation
+    classifier, write ``demo_grid.png`` and ``demo.json``; print the precision table."""
+    t0 = time.time()
+    settings = settings or Settings()
+    tb = load_testbed(settings.dtype)
+    desired = class_rows(n_per_class)
+    prog = Progress(len(methods) * settings.steps, "demo")
+    images, rows = {}, []
+    for m in methods:
+        out = run_method(tb, m, desired, settings, seed, batch=desired.shape[0], progress=prog)
+        logits, _ = eval_outputs(tb, out["images"])
+        images[m] = out["images"]
+        rows.append({"method": m, "class_precision": class_precision(logits, desired), "nfe": out["nfe"],
+                     "seconds": round(out["seconds"], 2)})
+    prog.close()
+    labels = {r["method"]: f"{METHOD_LABELS[r['method']]}\nprecision {r['class_precision']:.2f}" for r in rows}
+    os.makedirs(out_dir, exist_ok=True)
+    png, js = os.path.join(out_dir, "demo_grid.png"), os.path.join(out_dir, "demo.json")
+    image_grid(images, desired, labels).save(png)
+    result = {"n_per_class": n_per_class, "seed": seed, "settings": settings.as_dict(), "classes": list(CLASS_NAMES),
+              "rows": rows, "seconds": round(time.time() - t0, 1), "grid": os.path.basename(png)}
+    with open(js, "w") as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# Sweep of the GFCG settings (one axis at a time around the base settings)
+
+
+def sweep_rows() -> list:
+    """(name, method, overrides of Settings, overrides of GFCGConfig) per row."""
+    rows = [("none", "none", {}, {})]
+    rows += [(f"CFG w={w}", "cfg", {"cfg_scale": w}, {}) for w in (1.5, 2.0, 3.0)]
+    rows += [(f"ATG w={w}", "atg", {"atg_scale": w}, {}) for w in (1.5, 2.0, 3.0)]
+    rows += [("GFCG base (tau .5, alpha 2, beta 1)", "gfcg", {}, {})]
+    rows += [(f"GFCG tau={t}", "gfcg", {}, {"tau": t}) for t in (0.3, 0.7, 0.9)]
+    rows += [(f"GFCG alpha={a}", "gfcg", {}, {"alpha": a}) for a in (1.0, 4.0, 8.0)]
+    rows += [(f"GFCG beta={b}", "gfcg", {}, {"beta": b}) for b in (0.5, 2.0)]
+    rows += [(f"GFCG window {s}-{e}", "gfcg", {}, {"window_start": s, "window_end": e}) for s, e in ((0.0, 0.5), (0.5, 1.0))]
+    rows += [(f"GFCG period={p}", "gfcg", {}, {"period": p}) for p in (2, 4)]
+    rows += [("GFCG classify previous", "gfcg", {}, {"classify_input": "previous"}),
+             ("GFCG reference stochastic", "gfcg", {}, {"reference_mode": "stochastic"})]
+    for m in ("gfcg+cfg", "gfcg+atg"):
+        rows += [(f"{METHOD_LABELS[m]} {mode}", m, {"mode": mode}, {}) for mode in ("additive", "swap")]
+    # second stage: the per-axis winners together (alpha 4 and period 4 each beat the base by
+    # more than one standard error; tau 0.7 by less)
+    rows += [("GFCG alpha=4 period=4", "gfcg", {}, {"alpha": 4.0, "period": 4}),
+             ("GFCG alpha=4 period=4 tau=0.7", "gfcg", {}, {"alpha": 4.0, "period": 4, "tau": 0.7})]
+    return rows
+
+
+def run_sweep(out_dir: str, n_per_class: int = 20, settings: Optional[Settings] = None, seed: int = 1000,
+              only: Optional[Sequence[str]] = None, n_real: int = 5000) -> dict:
+    """Every sweep row on the same noise (seed 1000+, apart from the benchmark's seed 0), scored
+    with the evaluation classifier; writes sweep.json and sweep.md."""
+    base = settings or Settings()
+    tb = load_testbed(base.dtype)
+    desired = class_rows(n_per_class)
+    real = reference_features(tb, n_real)
+    rows = [r for r in sweep_rows() if not only or r[0] in only]
+    prog = Progress(len(rows) * math.ceil(desired.shape[0] / 250) * base.steps, "sweep")
+    results = []
+    for name, method, s_over, g_over in rows:
+        st = dataclasses.replace(base, **s_over, gfcg=dataclasses.replace(base.gfcg, **g_over))
+        out = run_method(tb, method, desired, st, seed, progress=prog)
+        sc = score(tb, out["images"], desired, real)
+        hits = sc.pop("hits").double()
+        results.append({"name": name, "method": method, **sc, "se": float(hits.std() / math.sqrt(hits.numel())),
+                        "nfe": out["nfe"], "seconds": out["seconds"]})
+    prog.close()
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "sweep.json")
+    if only and os.path.exists(path):  # merge into the committed sweep (same seed, base and size only)
+        old = json.load(open(path))
+        if (old["seed"], old["n_per_class"], old["base"]) == (seed, n_per_class, base.as_dict()):
+            new = {r["name"]: r for r in old["rows"]}
+            new.update({r["name"]: r for r in results})
+            results = [new[r[0]] for r in sweep_rows() if r[0] in new]
+    res = {"n_per_class": n_per_class, "seed": seed, "base": base.as_dict(), "rows": results}
+    with open(path, "w") as f:
+        json.dump(res, f, indent=1)
+    lines = ["| setting | class precision ± s.e. | FD | precision | recall | NFE / image |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in results:
+        lines.append(f"| {r['name']} | {r['class_precision']:.3f} ± {r['se']:.3f} | {r['fd']:.2f} | {r['precision']:.3f} "
+                     f"| {r['recall']:.3f} | {r['nfe']:.1f} |")
+    with open(os.path.join(out_dir, "sweep.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return res
