@@ -109,14 +109,15 @@ class GFCGEngine:
     def _decide(self, step: int, sigma: float, logits: torch.Tensor) -> core.Decision:
         c = self.config
         probs = core.class_probabilities(logits, c.temperature)
-        if self.desired_rows is not None:
-            desired = self.desired_rows.to(probs.device, torch.long)
-            if desired.shape != probs.shape[:1]:
-                raise ValueError(f"desired_rows has {desired.shape[0]} entries for a batch of {probs.shape[0]}")
+        if self.desired_rows is not None:  # checked on the host, before it goes to the device
+            rows = self.desired_rows
+            if rows.shape != probs.shape[:1] or not (0 <= int(rows.min()) and int(rows.max()) < probs.shape[1]):
+                raise ValueError(f"desired_rows must hold {probs.shape[0]} class indices in 0..{probs.shape[1] - 1}")
+            desired = rows.to(probs.device, torch.long)
         else:
+            if not 0 <= c.desired_class < probs.shape[1]:
+                raise ValueError(f"desired_class index {c.desired_class} is outside the classifier's 0..{probs.shape[1] - 1}")
             desired = torch.full((probs.shape[0],), c.desired_class, dtype=torch.long, device=probs.device)
-        if desired.numel() and not (0 <= int(desired.min()) and int(desired.max()) < probs.shape[1]):
-            raise ValueError(f"desired class index {int(desired.max())} is outside the classifier's 0..{probs.shape[1] - 1}")
         gen = self._rng(probs.device) if c.reference_mode == "stochastic" else None
         d = core.decide(probs, desired, c.tau, c.alpha, c.beta, c.reference_mode, c.fixed_reference, gen)
         self.schedule.record(step, d)

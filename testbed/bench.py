@@ -20,6 +20,7 @@ from .metrics import class_precision, frechet_distance, paired_difference_bound,
 from .models import Testbed, load_testbed, logits_and_features
 from .sampler import METHODS, sample
 
+BATCH = 250   # rows per sampling call (chunk i of a run gets noise seed `seed + i`)
 METHOD_LABELS = {"none": "none", "cfg": "CFG", "atg": "ATG", "gfcg": "GFCG", "gfcg+cfg": "GFCG+CFG",
                  "gfcg+atg": "GFCG+ATG"}
 
@@ -69,7 +70,7 @@ def class_rows(n_per_class: int) -> torch.Tensor:
 
 @torch.no_grad()
 def run_method(tb: Testbed, method: str, desired: torch.Tensor, settings: Settings, seed: int = 0,
-               batch: int = 250, progress: Optional[Progress] = None) -> dict:
+               batch: int = BATCH, progress: Optional[Progress] = None) -> dict:
     """Sample ``len(desired)`` images with ``method``: chunks of ``batch`` rows, chunk i with noise
     seed ``seed + i`` (so every method starts from the same noise). Returns images, NFE, seconds."""
     images, nfe, t0 = [], 0.0, time.time()
@@ -115,7 +116,7 @@ def benchmark(methods: Sequence[str], n_per_class: int = 100, settings: Optional
     tb = tb or load_testbed(settings.dtype)
     desired = class_rows(n_per_class)
     real = reference_features(tb, n_real)
-    chunks = math.ceil(desired.shape[0] / 250)
+    chunks = math.ceil(desired.shape[0] / BATCH)
     prog = Progress(len(methods) * chunks * settings.steps, "bench")
     rows, hits = [], {}
     for m in methods:
@@ -264,7 +265,7 @@ def run_sweep(out_dir: str, n_per_class: int = 20, settings: Optional[Settings] 
     desired = class_rows(n_per_class)
     real = reference_features(tb, n_real)
     rows = [r for r in sweep_rows() if not only or r[0] in only]
-    prog = Progress(len(rows) * math.ceil(desired.shape[0] / 250) * base.steps, "sweep")
+    prog = Progress(len(rows) * math.ceil(desired.shape[0] / BATCH) * base.steps, "sweep")
     results = []
     for name, method, s_over, g_over in rows:
         st = dataclasses.replace(base, **s_over, gfcg=dataclasses.replace(base.gfcg, **g_over))
