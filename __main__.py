@@ -79,12 +79,9 @@ def sweep(args) -> int:
 
 
 def train(args) -> int:
-    import torch
-
     from .testbed.files import FILES, WEIGHTS_DIR
     from .testbed.train import plot_loss_curves, train_testbed
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     names = args.only or list(FILES)
     bad = [n for n in names if n not in FILES]
     if bad:
@@ -99,6 +96,7 @@ def train(args) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m comfyui_gfcg")
     sub = p.add_subparsers(dest="cmd", required=True)
+
     def sampling_args(q, n_per_class, out, seed=0):
         q.add_argument("--n-per-class", type=int, default=n_per_class, help="samples per class and method")
         q.add_argument("--seed", type=int, default=seed, help="noise seed of the first batch (then +1 per batch)")

@@ -2,7 +2,6 @@
 precision over unguided sampling, with a one-sided 99 % confidence bound (paired samples: every
 method starts from the same noise). The evaluation classifier never guides; its seeds, and this
 test's noise seeds (3000+), are apart from the benchmark's (0+) and the sweep's (1000+)."""
-import torch
 
 from comfyui_gfcg.testbed.bench import Settings, class_rows, eval_outputs, run_method
 from comfyui_gfcg.testbed.metrics import paired_difference_bound
@@ -13,7 +12,6 @@ SEED = 3000
 
 
 def test_gfcg_raises_evaluation_precision_over_unguided():
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     settings = Settings()                    # the benchmark's sampler and the node defaults
     tb = load_testbed(settings.dtype)
     desired = class_rows(N_PER_CLASS)
