@@ -12,7 +12,7 @@ from conftest import REPO, api_post, api_wait
 from workflow_format import api_to_ui, strip_meta, ui_to_api
 
 pytestmark = pytest.mark.comfy
-API = REPO / "workflows" / "testbed_gfcg_atg_api.json"
+API = REPO / "workflows" / "api" / "testbed_gfcg_atg.json"
 UI = REPO / "workflows" / "testbed_gfcg_atg.json"
 
 
@@ -30,6 +30,17 @@ def test_testbed_workflow_editor_form_matches_api_form(server):
     committed = json.loads(UI.read_text())
     assert committed == ui, "workflows/testbed_gfcg_atg.json is stale: rerun with GFCG_WRITE_WORKFLOWS=1"
     assert ui_to_api(committed, info) == strip_meta(api)
+
+
+def test_editor_workflows_are_listed_as_templates(server):
+    """ComfyUI lists a pack's workflows/*.json as templates (not sub-folders): the editor forms
+    are there, the API forms (workflows/api/) are not."""
+    url, _, _ = server
+    listed = json.load(urllib.request.urlopen(url + "/workflow_templates", timeout=30)).get("comfyui-gfcg", [])
+    assert sorted(listed) == sorted(p.stem for p in (REPO / "workflows").glob("*.json"))
+    assert "testbed_gfcg_atg" in listed
+    served = urllib.request.urlopen(f"{url}/api/workflow_templates/comfyui-gfcg/testbed_gfcg_atg.json", timeout=30)
+    assert json.load(served) == json.loads(UI.read_text())
 
 
 def _comfy_sigmas(steps):
