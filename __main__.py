@@ -1,4 +1,4 @@
-"""``python -m comfyui_gfcg demo | bench | sweep | train | toy``: the testbed's commands."""
+"""``python -m comfyui_gfcg demo | bench | sweep | cgbench | train | toy``: the testbed's commands."""
 from __future__ import annotations
 
 import argparse
@@ -78,6 +78,22 @@ def sweep(args) -> int:
     return 0
 
 
+def cgbench(args) -> int:
+    from .testbed.bench import cg_benchmark, cg_markdown_table
+
+    res = cg_benchmark(n_per_class=args.n_per_class, settings=_settings(args), seed=args.seed,
+                       **({} if args.scale is None else {"scale": args.scale}))
+    os.makedirs(args.out, exist_ok=True)
+    table = cg_markdown_table(res)
+    with open(os.path.join(args.out, "cg_bench.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    with open(os.path.join(args.out, "cg_bench.md"), "w") as f:
+        f.write(table)
+    print(table)
+    print(f"wrote cg_bench.json and cg_bench.md to {args.out}")
+    return 0
+
+
 def train(args) -> int:
     from .testbed.files import FILES, WEIGHTS_DIR
     from .testbed.train import plot_loss_curves, train_testbed
@@ -113,6 +129,10 @@ def main(argv=None) -> int:
     w = sub.add_parser("sweep", help="testbed sweep of the GFCG settings (sets the node defaults)")
     sampling_args(w, 20, os.path.join("testbed", "results"), seed=1000)
     w.add_argument("--only", nargs="*", default=None, help="row names to run (default: all)")
+    c = sub.add_parser("cgbench", help="testbed: off-the-shelf gradient classifier guidance (EluCD) with its "
+                       "pre-conditioning steps switched on in turn, next to GFCG, with wall time")
+    sampling_args(c, 100, os.path.join("testbed", "results"))
+    c.add_argument("--scale", type=float, default=None, help="CG scale s (default: the testbed's, from the sweep)")
     o = sub.add_parser("toy", help="the analytic toy: class precision per guidance method (no weights)")
     o.add_argument("--n", type=int, default=2000)
     o.add_argument("--seed", type=int, default=0)
@@ -122,7 +142,7 @@ def main(argv=None) -> int:
                    "guidance_classifier eval_classifier")
     t.add_argument("--out", default=None, help="folder (default: the pack's testbed/weights)")
     args = p.parse_args(argv)
-    return {"train": train, "demo": demo, "bench": bench, "sweep": sweep, "toy": toy}[args.cmd](args)
+    return {"train": train, "demo": demo, "bench": bench, "sweep": sweep, "toy": toy, "cgbench": cgbench}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -94,6 +94,12 @@ def _meta_value(meta: Dict[str, str], sidecar: Dict, key: str):
 # the classifier
 # --------------------------------------------------------------------------------------------
 
+def straight_through_clamp(x: torch.Tensor, lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
+    """x clamped to [lo, hi] in value, with the gradient of the identity: a gradient taken through
+    it is the gradient with respect to the clamped image (nothing is zeroed where x overshoots)."""
+    return x + (x.clamp(lo, hi) - x).detach()
+
+
 @dataclass
 class DataConfig:
     """timm's evaluation preprocessing: resize the short side to input/crop_pct, centre-crop, normalise."""
@@ -148,7 +154,7 @@ class ImageClassifier(torch.nn.Module):
             mode = dc.interpolation if dc.interpolation in ("bilinear", "bicubic", "nearest") else "bilinear"
             x = F.interpolate(x, size=(sh, sw), mode=mode, antialias=mode != "nearest",
                               align_corners=False if mode != "nearest" else None)
-            x = x.clamp(0.0, 1.0)
+            x = straight_through_clamp(x)   # bicubic overshoot
         top, left = (sh - th) // 2, (sw - tw) // 2
         x = x[..., top:top + th, left:left + tw]
         return (x - self.mean.to(x.device)) / self.std.to(x.device)

@@ -15,6 +15,7 @@ The model's pre-/post-CFG hooks run around the combination, as ComfyUI's guiders
 """
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -25,6 +26,7 @@ import comfy.patcher_extension
 import comfy.sampler_helpers
 import comfy.samplers
 
+from ..classifiers.timm_classifier import straight_through_clamp
 from .config import GFCGConfig, GFCGInputError
 from .engine import Branch, GFCGEngine
 from .references import LabelReference, TextReference, has_class_labels
@@ -145,31 +147,122 @@ def _fused(model, entries, sizes, x, t, model_options) -> List[torch.Tensor]:
 # the guider
 # ------------------------------------------------------------------------------------------------
 
+DECODE_METHODS = ("vae", "taesd", "latent_rgb")
+
+
+def _decoder_only_copy(first_stage: torch.nn.Module) -> torch.nn.Module:
+    """A copy of a VAE's first-stage model without its encoder, whose weights autograd may use
+    (ComfyUI loads models under inference mode). Used only for gradients through the decoder."""
+    memo = {id(first_stage.encoder): None} if isinstance(getattr(first_stage, "encoder", None), torch.nn.Module) else {}
+    with torch.inference_mode(False):
+        return copy.deepcopy(first_stage, memo)
+
+
+def taesd_input(model, x0: torch.Tensor):
+    """(TAESD decoder name, its input) for a model-space x0. TAESD works in the SD-scaled latent
+    space that ComfyUI's standard latent formats use as model space (so x0 as is); formats with
+    their own model space (EDM2) name the standard format to convert through (``gfcg_taesd``)."""
+    fmt = model.latent_format
+    name = getattr(fmt, "taesd_decoder_name", None)
+    if name:
+        return name, x0
+    alt = getattr(fmt, "gfcg_taesd", None)
+    if alt is not None:
+        return alt[0], alt[1].process_in(model.process_latent_out(x0))
+    raise GFCGInputError(f"decode: ComfyUI knows no TAESD decoder for {type(fmt).__name__} latents; "
+                         f"use decode = vae or latent_rgb")
+
+
+def load_taesd(name: str, latent_channels: int):
+    """ComfyUI's TAESD decoder ``name`` from models/vae_approx (file name starting with ``name``,
+    as ComfyUI's previewer finds it), built with inference mode off (usable by autograd)."""
+    import folder_paths
+    from comfy.taesd.taesd import TAESD
+
+    files = [f for f in folder_paths.get_filename_list("vae_approx") if f.startswith(name)]
+    if not files:
+        roots = ", ".join(folder_paths.get_folder_paths("vae_approx"))
+        raise GFCGInputError(f"decode: taesd needs {name}.safetensors (or .pth) in models/vae_approx ({roots}); "
+                             f"get it from github.com/madebyollin/taesd, or use decode = vae or latent_rgb")
+    with torch.inference_mode(False):
+        return TAESD(None, folder_paths.get_full_path_or_raise("vae_approx", files[0]), latent_channels=latent_channels)
+
+
 class PixelDecoder:
     """x0 (model space) -> RGB in [0, 1], [B, 3, H, W], on the device it is computed on.
 
-    Latent models decode with the VAE's own decoder module (already loaded with the main model),
-    skipping ``VAE.decode``'s round trip to the intermediate device; pixel-space models only map
-    [-1, 1] -> [0, 1]."""
+    ``method``: ``vae`` decodes with the VAE's own decoder module (already loaded with the main
+    model), skipping ``VAE.decode``'s round trip to the intermediate device; ``taesd`` with
+    ComfyUI's tiny TAESD decoder from models/vae_approx; ``latent_rgb`` with the latent format's
+    linear latent-to-RGB preview factors (no network). ``resolution`` < 1 first shrinks x0
+    (antialiased bilinear), so the decoder and the classifier's resize work on fewer pixels.
+    Pixel-space models only map [-1, 1] -> [0, 1].
 
-    def __init__(self, vae=None):
-        self.vae = vae
+    Values are clamped to [0, 1] with a straight-through gradient. ``prepare_gradients`` makes
+    the decoders differentiable (copies whose weights autograd may use); ``release`` drops them.
+    """
+
+    def __init__(self, vae=None, method: str = "vae", resolution: float = 1.0):
+        if method not in DECODE_METHODS:
+            raise GFCGInputError(f"decode: {method!r} is not one of {', '.join(DECODE_METHODS)}")
+        if not 0.0 < float(resolution) <= 1.0:
+            raise GFCGInputError(f"decode_resolution: {resolution!r} must be in (0, 1]")
+        self.vae, self.method, self.resolution = vae, method, float(resolution)
+        self._taesd = None
+        self._grad_vae = None
+
+    def is_pixel_space(self, z: torch.Tensor) -> bool:
+        vae = self.vae
+        return vae is None or getattr(vae, "latent_channels", None) == 3 and getattr(vae, "downscale_ratio", 8) == 1
+
+    def prepare_gradients(self, device) -> None:
+        if self.method == "vae" and self.vae is not None and self._grad_vae is None:
+            self._grad_vae = _decoder_only_copy(self.vae.first_stage_model)
+
+    def release(self) -> None:
+        self._grad_vae = None
+        self._taesd = None
+
+    def _shrink(self, x0: torch.Tensor) -> torch.Tensor:
+        if self.resolution >= 1.0:
+            return x0
+        h, w = x0.shape[-2:]
+        size = (max(1, round(h * self.resolution)), max(1, round(w * self.resolution)))
+        return torch.nn.functional.interpolate(x0, size=size, mode="bilinear", antialias=True, align_corners=False)
 
     def __call__(self, model, x0: torch.Tensor) -> torch.Tensor:
+        x0 = self._shrink(x0)
         z = model.process_latent_out(x0)
-        vae = self.vae
-        if vae is None or getattr(vae, "latent_channels", None) == 3 and getattr(vae, "downscale_ratio", 8) == 1:
+        if self.is_pixel_space(z):
             if z.shape[1] != 3:
                 raise ValueError(f"vae: the model makes {z.shape[1]}-channel latents, so a VAE is needed to show "
                                  "them to the classifier; connect the model's VAE")
-            return ((z.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+            return straight_through_clamp((z.float() + 1.0) / 2.0)
+        vae = self.vae
         if vae.latent_channels != z.shape[1]:
             raise ValueError(f"vae: this VAE decodes {vae.latent_channels}-channel latents but the model makes "
                              f"{z.shape[1]}-channel ones; connect the VAE that belongs to the model")
-        img = vae.first_stage_model.decode(z.to(device=vae.device, dtype=vae.vae_dtype))
-        if getattr(getattr(model, "latent_format", None), "vae_output_range", "-1..1") == "0..1":
-            return img.float().clamp(0.0, 1.0)  # EDM2 reads the VAE output as a [0, 1] image
-        return vae.process_output(img.float())
+        zero_one = getattr(getattr(model, "latent_format", None), "vae_output_range", "-1..1") == "0..1"
+        if self.method == "latent_rgb":
+            fmt = model.latent_format
+            factors = torch.tensor(fmt.latent_rgb_factors, dtype=torch.float32, device=x0.device)   # [C, 3]
+            bias = getattr(fmt, "latent_rgb_factors_bias", None)
+            v = torch.einsum("bchw,cr->brhw", x0.float(), factors)
+            if bias is not None:
+                v = v + torch.tensor(bias, dtype=torch.float32, device=x0.device).view(1, 3, 1, 1)
+            return straight_through_clamp((v + 1.0) / 2.0)   # the previewer's [-1, 1] -> [0, 1]
+        if self.method == "taesd":
+            name, t_in = taesd_input(model, x0)
+            if self._taesd is None:
+                self._taesd = load_taesd(name, z.shape[1])
+            if next(self._taesd.parameters()).device != x0.device:
+                with torch.inference_mode(False):
+                    self._taesd.to(x0.device)
+            img = self._taesd.decode(t_in.float()).float()   # the SD VAE decoder's output range
+        else:
+            fsm = self._grad_vae if self._grad_vae is not None else vae.first_stage_model
+            img = fsm.decode(z.to(device=vae.device, dtype=vae.vae_dtype)).float()
+        return straight_through_clamp(img if zero_one else (img + 1.0) / 2.0)   # EDM2 reads it as [0, 1]
 
 
 def make_reference(positive, class_names, clip=None, prompt_template: str = "a photo of a {}"):
@@ -192,7 +285,8 @@ class GFCGGuider(comfy.samplers.CFGGuider):
 
     def __init__(self, model_patcher, config: GFCGConfig, classifier, positive, vae=None, clip=None,
                  prompt_template: str = "a photo of a {}", combine: str = "none", mode: str = "additive",
-                 scale: float = 1.0, negative=None, guide_patcher=None):
+                 scale: float = 1.0, negative=None, guide_patcher=None, decode: str = "vae",
+                 decode_resolution: float = 1.0):
         if not 0 <= config.desired_class < classifier.classifier.num_classes:
             raise GFCGInputError(f"desired_class: index {config.desired_class} is out of range for "
                                  f"{classifier.classifier.num_classes} classes")
@@ -201,10 +295,11 @@ class GFCGGuider(comfy.samplers.CFGGuider):
         if combine == "atg" and guide_patcher is None:
             raise GFCGInputError("guide_model: stacking with autoguidance needs a guide model")
         self.recipe = dict(model_patcher=model_patcher, config=config, classifier=classifier, positive=positive,
-                           vae=vae, clip=clip, prompt_template=prompt_template)
+                           vae=vae, clip=clip, prompt_template=prompt_template, decode=decode,
+                           decode_resolution=decode_resolution)
         mp = model_patcher.clone()
         extra = [classifier.patcher]
-        if vae is not None and getattr(vae, "patcher", None) is not None:
+        if vae is not None and getattr(vae, "patcher", None) is not None and decode == "vae":
             extra.append(vae.patcher)
         if guide_patcher is not None:
             if guide_patcher.is_clone(model_patcher):
@@ -216,7 +311,7 @@ class GFCGGuider(comfy.samplers.CFGGuider):
         self.engine = GFCGEngine(config, combine=combine, mode=mode, scale=float(scale))
         self.classifier = classifier
         self.reference = make_reference(positive, classifier.class_names, clip, prompt_template)
-        self.decoder = PixelDecoder(vae)
+        self.decoder = PixelDecoder(vae, decode, decode_resolution)
         self.guide_patcher = guide_patcher
         self.cfg = float(scale) if combine == "cfg" else 1.0
         self.set_conds(positive, negative if combine == "cfg" else None)

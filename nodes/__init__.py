@@ -2,9 +2,10 @@
 from ._api import ComfyExtension, io
 from .classifier_nodes import LoadImageClassifier
 from .edm2_nodes import EDM2_NODES
+from .cg_nodes import ClassifierGuidanceNode
 from .guider_nodes import GFCGCombinerNode, GFCGGuiderNode
 
-NODES = [LoadImageClassifier, GFCGGuiderNode, GFCGCombinerNode, *EDM2_NODES]
+NODES = [LoadImageClassifier, GFCGGuiderNode, GFCGCombinerNode, ClassifierGuidanceNode, *EDM2_NODES]
 
 
 class GFCGExtension(ComfyExtension):

@@ -2,11 +2,24 @@
 from __future__ import annotations
 
 from ..classifiers.vocab import resolve_class
-from ..guiders.comfy_guider import GFCGGuider
+from ..guiders.comfy_guider import DECODE_METHODS, GFCGGuider
 from ..guiders.config import GFCGConfig, GFCGInputError, check_window
 from ._api import ClassifierType, io
 
 REFERENCE_CHOICES = ["deterministic", "stochastic", "fixed"]
+
+DECODE_TOOLTIP = ("How the classifier sees a latent estimate: vae = the full VAE decoder (exact, slowest); taesd = "
+                  "ComfyUI's tiny TAESD decoder from models/vae_approx (fast, approximate); latent_rgb = the latent "
+                  "format's linear preview colours (nearly free, coarse). Pixel-space models ignore it.")
+RESOLUTION_TOOLTIP = ("Decode a shrunken estimate: 1 = full size, 0.5 = half the width and height (about 4x cheaper "
+                      "decoding; the classifier resizes to its own input size anyway).")
+
+
+def decode_inputs():
+    """The decode choice inputs shared by the GFCG and the gradient guider nodes."""
+    return [io.Combo.Input("decode", options=list(DECODE_METHODS), default="vae", optional=True, tooltip=DECODE_TOOLTIP),
+            io.Float.Input("decode_resolution", default=1.0, min=0.125, max=1.0, step=0.125, optional=True,
+                           tooltip=RESOLUTION_TOOLTIP)]
 
 
 def _user_error(fn, *args, **kwargs):
@@ -86,6 +99,7 @@ class GFCGGuiderNode(io.ComfyNode):
                 io.Float.Input("temperature", default=1.0, min=0.01, max=100.0, step=0.01, optional=True,
                                tooltip="Softmax temperature T of the classifier (p = softmax(logits / T)); T > 1 "
                                        "flattens p so more samples fall under tau."),
+                *decode_inputs(),
             ],
             outputs=[io.Guider.Output(tooltip="Connect to SamplerCustomAdvanced, or to the GFCG Combiner.")],
         )
@@ -101,7 +115,7 @@ class GFCGGuiderNode(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, classifier, desired_class, tau, alpha, beta, window_start, window_end, period,
                 reference, vae=None, clip=None, prompt_template="a photo of a {}", fixed_reference_class="",
-                classify_input="current", temperature=1.0) -> io.NodeOutput:
+                classify_input="current", temperature=1.0, decode="vae", decode_resolution=1.0) -> io.NodeOutput:
         names = classifier.class_names
         desired = _user_error(resolve_class, desired_class, names, "desired_class")
         fixed = None
@@ -111,7 +125,7 @@ class GFCGGuiderNode(io.ComfyNode):
                              window_start=window_start, window_end=window_end, period=period, reference_mode=reference,
                              fixed_reference=fixed, classify_input=classify_input, temperature=temperature)
         guider = _user_error(GFCGGuider, model, config, classifier, positive, vae=vae, clip=clip,
-                             prompt_template=prompt_template)
+                             prompt_template=prompt_template, decode=decode, decode_resolution=decode_resolution)
         return io.NodeOutput(guider)
 
 

@@ -15,14 +15,15 @@ from typing import Dict, Optional, Sequence
 import torch
 
 from ..guiders.config import GFCGConfig
+from ..guiders.gradient import CGConfig, softplus_copy
 from .dataset import CLASS_NAMES, NUM_CLASSES, SEEDS, make_split, to_unit
 from .metrics import class_precision, frechet_distance, paired_difference_bound, precision_recall
 from .models import Testbed, load_testbed, logits_and_features
-from .sampler import METHODS, sample
+from .sampler import CG_METHODS, METHODS, sample
 
 BATCH = 250   # rows per sampling call (chunk i of a run gets noise seed `seed + i`)
 METHOD_LABELS = {"none": "none", "cfg": "CFG", "atg": "ATG", "gfcg": "GFCG", "gfcg+cfg": "GFCG+CFG",
-                 "gfcg+atg": "GFCG+ATG"}
+                 "gfcg+atg": "GFCG+ATG", "cg": "CG (EluCD)", "cg+cfg": "CG+CFG"}
 
 
 @dataclass
@@ -35,11 +36,28 @@ class Settings:
     mode: str = "additive"
     dtype: str = "bfloat16"         # diffusion trunks (EDM2 runs fp16/bf16 trunks by design); classifiers fp32
     gfcg: GFCGConfig = field(default_factory=lambda: GFCGConfig(desired_class=0))
+    cg: CGConfig = field(default_factory=CGConfig)   # the gradient methods (cg, cg+cfg)
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["gfcg"].pop("desired_class", None)
+        d["cg"].pop("desired_class", None)
+        d["cg"]["softplus_beta"] = str(d["cg"]["softplus_beta"])  # inf is not JSON
         return d
+
+
+_SOFTPLUS: Dict[tuple, torch.nn.Module] = {}
+
+
+def guidance_classifier_for(tb: Testbed, method: str, settings: Settings):
+    """The guidance classifier a method consults: as trained for GFCG; its Softplus(beta) copy
+    (made once per beta) for the gradient methods."""
+    if method not in CG_METHODS:
+        return tb.guidance_classifier
+    key = (id(tb.guidance_classifier), settings.cg.softplus_beta)
+    if key not in _SOFTPLUS:
+        _SOFTPLUS[key] = softplus_copy(tb.guidance_classifier, settings.cg.softplus_beta)[0]
+    return _SOFTPLUS[key]
 
 
 class Progress:
@@ -76,9 +94,10 @@ def run_method(tb: Testbed, method: str, desired: torch.Tensor, settings: Settin
     images, nfe, t0 = [], 0.0, time.time()
     for i, start in enumerate(range(0, desired.shape[0], batch)):
         rows = desired[start:start + batch]
-        r = sample(tb.main, tb.guidance_classifier, method, rows, rows.shape[0], seed=seed + i,
-                   steps=settings.steps, guide=tb.guide, cfg_scale=settings.cfg_scale, atg_scale=settings.atg_scale,
-                   gfcg=settings.gfcg, mode=settings.mode, num_classes=NUM_CLASSES,
+        r = sample(tb.main, guidance_classifier_for(tb, method, settings), method, rows, rows.shape[0],
+                   seed=seed + i, steps=settings.steps, guide=tb.guide, cfg_scale=settings.cfg_scale,
+                   atg_scale=settings.atg_scale, gfcg=settings.gfcg, mode=settings.mode, num_classes=NUM_CLASSES,
+                   cg=settings.cg,
                    progress=(lambda _s: progress.update(1, method)) if progress else None)
         images.append(r.images)
         nfe += r.nfe * rows.shape[0]
@@ -253,7 +272,70 @@ def sweep_rows() -> list:
     # more than one standard error; tau 0.7 by less)
     rows += [("GFCG alpha=4 period=4", "gfcg", {}, {"alpha": 4.0, "period": 4}),
              ("GFCG alpha=4 period=4 tau=0.7", "gfcg", {}, {"alpha": 4.0, "period": 4, "tau": 0.7})]
+    # off-the-shelf gradient guidance (all pre-conditioning on): its scale s for the testbed
+    rows += [(f"CG s={s}", "cg", {"cg": CGConfig(scale=s)}, {}) for s in CG_SWEEP_SCALES]
     return rows
+
+
+CG_SWEEP_SCALES = (0.004, 0.01, 0.02, 0.04, 0.08)
+CG_SCALE = 0.02   # the testbed's s, from the sweep's CG rows by the README's rule (highest class precision
+                  # unless FD gets more than 1 worse than unguided: s = 0.04 had FD +2.8)
+
+
+def cg_ablation_rows(scale: float = CG_SCALE) -> list:
+    """(name, method, Settings overrides): unguided, GFCG, then gradient guidance with EluCD's
+    pre-conditioning steps switched on one at a time, at one scale s (the RMS-normalised step
+    makes s the displacement size in every row)."""
+    plain = CGConfig(scale=scale, gamma=0.0, softplus_beta=math.inf, tau1=1.0, tau2=1.0, classifier_input="noisy")
+    steps = [("CG: noisy x input, ReLU, conditional, linear schedule", {}),
+             ("+ x0_hat input", {"classifier_input": "denoised"}),
+             ("+ Softplus (beta 5)", {"softplus_beta": 5.0}),
+             ("+ joint/marginal (tau2 0)", {"tau2": 0.0}),
+             ("+ sine schedule (gamma 0.3) = EluCD", {"gamma": 0.3})]
+    rows = [("none", "none", {}), ("GFCG", "gfcg", {})]
+    cfg = plain
+    for name, change in steps:
+        cfg = dataclasses.replace(cfg, **change)
+        rows.append((name, "cg", {"cg": cfg}))
+    return rows
+
+
+def cg_benchmark(n_per_class: int = 100, settings: Optional[Settings] = None, seed: int = 0, n_real: int = 5000,
+                 scale: float = CG_SCALE) -> dict:
+    """The ablation rows on the benchmark's noise (seed 0+, 1000 samples), with wall time."""
+    base = settings or Settings()
+    tb = load_testbed(base.dtype)
+    desired = class_rows(n_per_class)
+    real = reference_features(tb, n_real)
+    rows = cg_ablation_rows(scale)
+    prog = Progress(len(rows) * math.ceil(desired.shape[0] / BATCH) * base.steps, "cg-bench")
+    results = []
+    for name, method, over in rows:
+        st = dataclasses.replace(base, **over)
+        out = run_method(tb, method, desired, st, seed, progress=prog)
+        sc = score(tb, out["images"], desired, real)
+        hits = sc.pop("hits").double()
+        results.append({"name": name, "method": method, **sc, "se": float(hits.std() / math.sqrt(hits.numel())),
+                        "nfe": out["nfe"], "seconds": out["seconds"],
+                        "classifier_passes": out["nfe"] if method in CG_METHODS else None,
+                        "cg": st.as_dict()["cg"] if method in CG_METHODS else None})
+    prog.close()
+    return {"n_per_class": n_per_class, "n_per_method": int(desired.shape[0]), "seed": seed, "scale": scale,
+            "settings": base.as_dict(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "rows": results}
+
+
+def cg_markdown_table(result: dict) -> str:
+    lines = ["| method | class precision ± s.e. ↑ | FD ↓ | precision ↑ | recall ↑ | NFE / image | "
+             "classifier passes / image | wall time (s) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
+    for r in result["rows"]:
+        cp = "—" if r["classifier_passes"] is None else f"{r['classifier_passes']:.0f} fwd+bwd"
+        if r["method"] == "gfcg":
+            cp = f"{result['settings']['steps']} fwd (once per step)"
+        lines.append(f"| {r['name']} | {r['class_precision']:.3f} ± {r['se']:.3f} | {r['fd']:.2f} | "
+                     f"{r['precision']:.3f} | {r['recall']:.3f} | {r['nfe']:.1f} | {cp} | {r['seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
 
 
 def run_sweep(out_dir: str, n_per_class: int = 20, settings: Optional[Settings] = None, seed: int = 1000,
@@ -277,21 +359,35 @@ def run_sweep(out_dir: str, n_per_class: int = 20, settings: Optional[Settings] 
     prog.close()
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "sweep.json")
-    if only and os.path.exists(path):  # merge into the committed sweep (same seed, base and size only)
+    if only and os.path.exists(path):  # merge into the committed sweep (same seed, size and base only)
         old = json.load(open(path))
-        if (old["seed"], old["n_per_class"], old["base"]) == (seed, n_per_class, base.as_dict()):
+        # rows set their own cg; gradient-guidance rows do not read the GFCG settings either
+        ignore = {"cg"} | ({"gfcg"} if all(r["method"] in CG_METHODS for r in results) else set())
+        same = lambda d: {k: v for k, v in d.items() if k not in ignore}   # noqa: E731
+        if (old["seed"], old["n_per_class"], same(old["base"])) == (seed, n_per_class, same(base.as_dict())):
             new = {r["name"]: r for r in old["rows"]}
             new.update({r["name"]: r for r in results})
             results = [new[r[0]] for r in sweep_rows() if r[0] in new]
-    res = {"n_per_class": n_per_class, "seed": seed, "base": base.as_dict(), "rows": results}
-    with open(path, "w") as f:
+            base_dict = old["base"]
+        else:
+            print(f"sweep: the committed {path} has another seed, size or base; writing only the rows run now")
+            base_dict = base.as_dict()
+    else:
+        base_dict = base.as_dict()
+    res = {"n_per_class": n_per_class, "seed": seed, "base": base_dict, "rows": results}
+    write_sweep(out_dir, res)
+    return res
+
+
+def write_sweep(out_dir: str, res: dict) -> None:
+    """sweep.json and the markdown table sweep.md (also printed)."""
+    with open(os.path.join(out_dir, "sweep.json"), "w") as f:
         json.dump(res, f, indent=1)
     lines = ["| setting | class precision ± s.e. | FD | precision | recall | NFE / image |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    for r in results:
+    for r in res["rows"]:
         lines.append(f"| {r['name']} | {r['class_precision']:.3f} ± {r['se']:.3f} | {r['fd']:.2f} | {r['precision']:.3f} "
                      f"| {r['recall']:.3f} | {r['nfe']:.1f} |")
     with open(os.path.join(out_dir, "sweep.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
-    return res

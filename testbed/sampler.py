@@ -14,13 +14,24 @@ from typing import Callable, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..classifiers.timm_classifier import straight_through_clamp
 from ..guiders.config import GFCGConfig
 from ..guiders.engine import Branch, GFCGEngine
+from ..guiders.gradient import CGConfig, CGEngine
 from .toy import edm_sigmas
 
 # method -> (combine, uses GFCG)
 METHODS = {"none": ("none", False), "cfg": ("cfg", False), "atg": ("atg", False),
            "gfcg": ("none", True), "gfcg+cfg": ("cfg", True), "gfcg+atg": ("atg", True)}
+# off-the-shelf gradient classifier guidance (EluCD), alone or on CFG
+CG_METHODS = {"cg": "none", "cg+cfg": "cfg"}
+
+
+def straight_through_unit(x0: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> [0, 1] images, clamped in value but with the gradient of the unclamped map, i.e.
+    d/dx0 as if x0 had been clipped to [-1, 1] first (the official DDPM code clips x0, then takes
+    the gradient with respect to the clipped x0)."""
+    return straight_through_clamp((x0 + 1) / 2)
 
 
 def branch_forward(net, x: torch.Tensor, sigma: float, branches: Sequence[Branch], desired: torch.Tensor,
@@ -57,7 +68,7 @@ def sample(main, classifier: Callable[[torch.Tensor], torch.Tensor], method: str
            seed: int = 0, steps: int = 32, guide=None, cfg_scale: float = 2.0, atg_scale: float = 2.0,
            gfcg: Optional[GFCGConfig] = None, mode: str = "additive", num_classes: int = 10,
            shape=(3, 32, 32), progress: Optional[Callable[[int], None]] = None,
-           sigmas: Optional[torch.Tensor] = None) -> SampleResult:
+           sigmas: Optional[torch.Tensor] = None, cg: Optional[CGConfig] = None) -> SampleResult:
     """Heun (2nd order, Euler on the last step) from sigma_max = 80 to 0 on EDM2's rho = 7 schedule.
 
     ``sigmas`` (optional) replaces the schedule (then ``steps`` = len(sigmas) - 1), e.g. ComfyUI's
@@ -65,13 +76,18 @@ def sample(main, classifier: Callable[[torch.Tensor], torch.Tensor], method: str
     ``desired``: one class for all rows, or a sequence / tensor of ``n`` classes (one per row).
     ``classifier`` maps images in [0, 1] to logits; the engine sees x0 through it. Noise: one
     ``torch.randn`` of [n, *shape] from ``torch.Generator().manual_seed(seed)``, times sigma_0.
+    Methods ``cg`` / ``cg+cfg``: off-the-shelf gradient guidance with ``cg`` (a ``CGConfig``); then
+    ``classifier`` must be differentiable (e.g. the Softplus copy of the guidance classifier).
     """
     rows = torch.as_tensor(desired, dtype=torch.long).flatten()
     rows = rows.expand(n).clone() if rows.numel() == 1 else rows
     if rows.shape[0] != n or int(rows.min()) < 0 or int(rows.max()) >= num_classes:
         raise ValueError(f"desired: expected one class or {n} classes in 0..{num_classes - 1}, got {desired!r}")
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+    if method not in METHODS and method not in CG_METHODS:
+        raise ValueError(f"method must be one of {list(METHODS) + list(CG_METHODS)}, got {method!r}")
+    if method in CG_METHODS:
+        return _sample_cg(main, classifier, method, rows, n, seed, steps, cfg_scale, cg or CGConfig(), num_classes,
+                          shape, progress, sigmas)
     combine, use_gfcg = METHODS[method]
     if combine == "atg" and guide is None:
         raise ValueError("method uses autoguidance but no guide model was given")
@@ -102,7 +118,13 @@ def sample(main, classifier: Callable[[torch.Tensor], torch.Tensor], method: str
 
         return engine.denoise(xc, s, main_eval, classify, guide_eval if combine == "atg" else None).denoised
 
-    for i in range(steps):
+    x = heun(x, sigmas, denoise, progress)
+    return SampleResult(x, evals / n, engine.trace)
+
+
+def heun(x: torch.Tensor, sigmas: torch.Tensor, denoise, progress=None) -> torch.Tensor:
+    """EDM's Heun sampler over ``sigmas`` with ``denoise(x, sigma)``."""
+    for i in range(len(sigmas) - 1):
         # Heun: slope dx/dsigma = (x - D) / sigma at both ends, averaged; Euler onto sigma = 0.
         # (float32 sigmas and step dt, in this order of operations, like k-diffusion's sampler.)
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
@@ -116,4 +138,29 @@ def sample(main, classifier: Callable[[torch.Tensor], torch.Tensor], method: str
             x = x_euler
         if progress is not None:
             progress(i)
+    return x
+
+
+def _sample_cg(main, classifier, method, rows, n, seed, steps, cfg_scale, cg: CGConfig, num_classes, shape,
+               progress, sigmas) -> SampleResult:
+    """``sample`` for the gradient methods: the CG engine on the same noise, sampler and models."""
+    engine = CGEngine(cg, scale=cfg_scale if CG_METHODS[method] == "cfg" else 1.0, desired_rows=rows)
+    sigmas = edm_sigmas(steps) if sigmas is None else torch.as_tensor(sigmas, dtype=torch.float32)
+    engine.begin(sigmas)
+    g = torch.Generator().manual_seed(int(seed))
+    x = torch.randn(n, *shape, generator=g) * float(sigmas[0])
+    evals = 0
+
+    def logits(x0):
+        return classifier(straight_through_unit(x0))
+
+    def denoise(xc, s):
+        def main_eval(branches):
+            nonlocal evals
+            evals += xc.shape[0] * len(branches)
+            return branch_forward(main, xc, s, branches, rows, num_classes)
+
+        return engine.denoise(xc, s, main_eval, logits).denoised
+
+    x = heun(x, sigmas, denoise, progress)
     return SampleResult(x, evals / n, engine.trace)

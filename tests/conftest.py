@@ -103,6 +103,7 @@ def server(tmp_path_factory):
            "--database-url", "sqlite:///:memory:", "--disable-api-nodes", "--dont-print-server"]
     env = dict(os.environ, PYTHONPATH="")
     proc = subprocess.Popen(cmd, cwd=COMFYUI, stdout=log, stderr=subprocess.STDOUT, env=env)
+    (base / "server.pid").write_text(str(proc.pid))
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 180

@@ -1,0 +1,89 @@
+"""Off-the-shelf classifier guidance (EluCD) as a GUIDER for ComfyUI's sampler (imports ComfyUI;
+the math is in ``gradient``).
+
+Each evaluation: the conditional (and, with CFG, the negative) branch in one ComfyUI batch, CFG,
+then the classifier's gradient on the decoded estimate, added to the denoised estimate as
+``gradient.denoised_term`` derives. ComfyUI executes nodes under ``torch.inference_mode()``:
+the gradient is taken with inference mode off, through copies of the classifier (with Softplus)
+and of the VAE decoder that are made for the run on the device the models were loaded to, and
+dropped when it ends. The autograd graph lives only inside ``gradient.guidance_gradient``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+import comfy.samplers
+
+from .comfy_guider import PixelDecoder
+from .config import GFCGInputError
+from .gradient import CGConfig, CGEngine, softplus_copy
+
+
+class ClassifierGuidanceGuider(comfy.samplers.CFGGuider):
+    """Gradient classifier guidance on D1, or on CFG (``cfg`` != 1 with a negative)."""
+
+    def __init__(self, model_patcher, config: CGConfig, classifier, positive, negative=None, cfg: float = 1.0,
+                 vae=None, decode: str = "vae", decode_resolution: float = 1.0):
+        num = classifier.classifier.num_classes
+        if not 0 <= config.desired_class < num:
+            raise GFCGInputError(f"desired_class: index {config.desired_class} is out of range for {num} classes")
+        if cfg != 1.0 and negative is None:
+            raise GFCGInputError("negative: cfg != 1 needs the negative conditioning (or set cfg to 1)")
+        mp = model_patcher.clone()
+        extra = [classifier.patcher]
+        if vae is not None and getattr(vae, "patcher", None) is not None and decode == "vae":
+            extra.append(vae.patcher)
+        mp.set_additional_models("gfcg_cg", extra)
+        super().__init__(mp)
+        self.config = config
+        self.classifier = classifier
+        self.decoder = PixelDecoder(vae, decode, decode_resolution)
+        self.engine = CGEngine(config, scale=float(cfg))
+        self._grad_classifier: Optional[torch.nn.Module] = None
+        conds = {"positive": positive}
+        if cfg != 1.0:
+            conds["negative"] = negative
+        self.inner_set_conds(conds)
+        self.cfg = float(cfg)
+
+    def inner_sample(self, noise, latent_image, device, sampler, sigmas, denoise_mask, callback, disable_pbar, seed):
+        # the models are loaded on their device by now: grad-capable copies live there for this run
+        self._grad_classifier, _ = softplus_copy(self.classifier.classifier, self.config.softplus_beta)
+        self.decoder.prepare_gradients(device)
+        self.engine.begin(sigmas)
+        try:
+            return super().inner_sample(noise, latent_image, device, sampler, sigmas, denoise_mask, callback,
+                                        disable_pbar, seed)
+        finally:
+            self._grad_classifier = None
+            self.decoder.release()
+
+    def _logits(self, x0: torch.Tensor) -> torch.Tensor:
+        pixels = self.decoder(self.inner_model, x0)
+        net = self._grad_classifier
+        dev = next(net.parameters()).device
+        return net(pixels if pixels.device == dev else pixels.to(dev))
+
+    def predict_noise(self, x, timestep, model_options={}, seed=None):
+        positive, negative = self.conds.get("positive"), self.conds.get("negative")
+
+        def main(branches):
+            conds = [positive if b.cond == "positive" else negative for b in branches]
+            return comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, model_options)
+
+        def pre_cfg(d1, uncond):
+            out = [d1, uncond]
+            for fn in model_options.get("sampler_pre_cfg_function", []):
+                out = fn({"conds": [positive, negative], "conds_out": out, "cond_scale": self.cfg, "timestep": timestep,
+                          "input": x, "sigma": timestep, "model": self.inner_model, "model_options": model_options})
+            return out[0], out[1]
+
+        res = self.engine.denoise(x, float(timestep.flatten()[0]), main, self._logits, pre_cfg)
+        denoised = res.denoised
+        for fn in model_options.get("sampler_post_cfg_function", []):
+            denoised = fn({"denoised": denoised, "cond": positive, "uncond": negative, "cond_scale": self.cfg,
+                           "model": self.inner_model, "uncond_denoised": res.uncond, "cond_denoised": res.cond,
+                           "sigma": timestep, "model_options": model_options, "input": x})
+        return denoised
