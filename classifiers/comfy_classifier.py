@@ -10,17 +10,23 @@ import folder_paths
 
 from ..comfy_folders import ensure_folder
 from ..testbed.files import CLASSIFIER_DIR
+from .clip_classifier import CLIP_EXTENSIONS
 from .timm_classifier import WEIGHT_EXTENSIONS, ImageClassifier
 
 FOLDER_KEY = "gfcg_classifiers"
+CLIP_FOLDER_KEY = "gfcg_clip"
+CLASS_LIST_FOLDER_KEY = "gfcg_class_lists"
 
 
 def register_folder() -> None:
     """``models/gfcg_classifiers`` (and ``models/classifiers``, whose built-in key lists only files
-    without an extension) under the pack's own key, for .safetensors / .pt / .pth files."""
+    without an extension) under the pack's own key, for .safetensors / .pt / .pth files;
+    ``models/gfcg_clip`` for open_clip checkpoints and ``models/gfcg_class_lists`` for class lists."""
     paths = [os.path.join(folder_paths.models_dir, FOLDER_KEY), os.path.join(folder_paths.models_dir, "classifiers"),
              CLASSIFIER_DIR]  # the pack's own testbed classifiers
     ensure_folder(FOLDER_KEY, paths, WEIGHT_EXTENSIONS)
+    ensure_folder(CLIP_FOLDER_KEY, [os.path.join(folder_paths.models_dir, CLIP_FOLDER_KEY)], CLIP_EXTENSIONS)
+    ensure_folder(CLASS_LIST_FOLDER_KEY, [os.path.join(folder_paths.models_dir, CLASS_LIST_FOLDER_KEY)], (".txt",))
 
 
 class ComfyClassifier:

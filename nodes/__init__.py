@@ -1,11 +1,11 @@
 """The pack's ComfyUI nodes (V3 schema, pinned to comfy_api v0.0.2). Imported only by ComfyUI."""
 from ._api import ComfyExtension, io
-from .classifier_nodes import LoadImageClassifier
+from .classifier_nodes import ImageNetClass, LoadImageClassifier, LoadZeroShotClassifier
 from .edm2_nodes import EDM2_NODES
 from .cg_nodes import ClassifierGuidanceNode
 from .guider_nodes import GFCGCombinerNode, GFCGGuiderNode
 
-NODES = [LoadImageClassifier, GFCGGuiderNode, GFCGCombinerNode, ClassifierGuidanceNode, *EDM2_NODES]
+NODES = [LoadImageClassifier, LoadZeroShotClassifier, ImageNetClass, GFCGGuiderNode, GFCGCombinerNode, ClassifierGuidanceNode, *EDM2_NODES]
 
 
 class GFCGExtension(ComfyExtension):

@@ -5,8 +5,12 @@ import os
 
 import folder_paths
 
-from ..classifiers.comfy_classifier import FOLDER_KEY, ComfyClassifier, register_folder
+from ..classifiers.clip_classifier import (CLASS_SOURCES, TEMPLATE_SETS, class_names_for, load_zero_shot_classifier,
+                                           templates_for)
+from ..classifiers.comfy_classifier import (CLASS_LIST_FOLDER_KEY, CLIP_FOLDER_KEY, FOLDER_KEY, ComfyClassifier,
+                                            register_folder)
 from ..classifiers.timm_classifier import load_timm_classifier, read_sidecar
+from ..classifiers.vocab import imagenet_class_names
 from ..guiders.config import GFCGInputError
 from ._api import ClassifierType, io
 
@@ -69,3 +73,114 @@ class LoadImageClassifier(io.ComfyNode):
         except GFCGInputError as e:
             raise ValueError(str(e)) from None
         return io.NodeOutput(ComfyClassifier(clf))
+
+
+NO_FILE = "(none)"
+
+
+def _clip_architectures():
+    import open_clip
+
+    return list(open_clip.list_models())
+
+
+class LoadZeroShotClassifier(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        archs = _clip_architectures()
+        return io.Schema(
+            node_id="GFCGLoadZeroShotClassifier",
+            display_name="Load Zero-Shot Classifier (open_clip)",
+            category="sampling/gfcg",
+            description="Turns a local open_clip checkpoint into an image classifier over any list of classes: the "
+                        "class names go through prompt templates and open_clip's own tokenizer and text tower into a "
+                        "zero-shot head (open_clip's build_zero_shot_classifier); logits are the model's image-text "
+                        "logits. Plugs into GFCG and gradient guidance like a timm classifier. Heads are cached per "
+                        "checkpoint, class list and templates.",
+            inputs=[
+                io.Combo.Input("clip_name", options=folder_paths.get_filename_list(CLIP_FOLDER_KEY),
+                               tooltip="open_clip checkpoint in models/gfcg_clip: .safetensors, or a weights-only "
+                                       ".pt/.pth/.bin (nothing else is unpickled)."),
+                io.Combo.Input("architecture", options=archs, default="ViT-B-32" if "ViT-B-32" in archs else archs[0],
+                               tooltip="The checkpoint's open_clip architecture (open_clip.list_models()); OpenAI "
+                                       "weights need the -quickgelu variants."),
+                io.Combo.Input("class_source", options=list(CLASS_SOURCES), default="imagenet-1k",
+                               tooltip="imagenet-1k: the 1000 ImageNet classes (timm's names as the vocabulary, the "
+                                       "CLIP authors' cleaned names in the prompts); list: the class_list input; "
+                                       "file: a .txt file from models/gfcg_class_lists (one class per line)."),
+                io.String.Input("class_list", default="", multiline=True, optional=True,
+                                tooltip="For class_source = list: one class per line (commas add synonyms: the first "
+                                        "name goes into the prompts, all of them select the class)."),
+                io.Combo.Input("class_file", options=[NO_FILE] + folder_paths.get_filename_list(CLASS_LIST_FOLDER_KEY),
+                               default=NO_FILE, optional=True,
+                               tooltip="For class_source = file: a .txt file in models/gfcg_class_lists, one class "
+                                       "per line ('#' starts a comment)."),
+                io.Combo.Input("templates", options=list(TEMPLATE_SETS), default="openai imagenet (80)", optional=True,
+                               tooltip="Prompt templates averaged per class: open_clip's 80 OpenAI ImageNet "
+                                       "templates, its 18 simple ones, the single 'a photo of a {}.', or custom."),
+                io.String.Input("custom_templates", default="a photo of a {}.", multiline=True, optional=True,
+                                tooltip="For templates = custom: one template per line, {} is the class name."),
+            ],
+            outputs=[ClassifierType.Output(display_name="CLASSIFIER",
+                                           tooltip="The zero-shot classifier, managed by ComfyUI like a model.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, clip_name, class_source, class_list="", class_file=NO_FILE, templates="openai imagenet (80)",
+                        custom_templates="", **_other):
+        if folder_paths.get_full_path(CLIP_FOLDER_KEY, clip_name) is None:
+            roots = ", ".join(folder_paths.get_folder_paths(CLIP_FOLDER_KEY))
+            return f"clip_name: file {clip_name!r} not found in {roots}"
+        try:
+            templates_for(templates, custom_templates)
+            if class_source == "list":
+                class_names_for("list", class_list)
+        except GFCGInputError as e:
+            return str(e)
+        if class_source == "file" and (class_file in (None, "", NO_FILE)
+                                       or folder_paths.get_full_path(CLASS_LIST_FOLDER_KEY, class_file) is None):
+            return "class_file: choose a .txt file from models/gfcg_class_lists for class_source = file"
+        return True
+
+    @classmethod
+    def execute(cls, clip_name, architecture, class_source, class_list="", class_file=NO_FILE,
+                templates="openai imagenet (80)", custom_templates="") -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise(CLIP_FOLDER_KEY, clip_name)
+        file_path = None
+        if class_source == "file" and class_file not in (None, "", NO_FILE):
+            file_path = folder_paths.get_full_path(CLASS_LIST_FOLDER_KEY, class_file)
+        try:
+            names, prompts = class_names_for(class_source, class_list, file_path)
+            clf = load_zero_shot_classifier(path, architecture, names, templates_for(templates, custom_templates),
+                                            prompt_names=prompts, name=f"{clip_name} ({architecture})")
+        except GFCGInputError as e:
+            raise ValueError(str(e)) from None
+        return io.NodeOutput(ComfyClassifier(clf))
+
+
+def _imagenet_options():
+    return [f"{i}: {name}" for i, name in enumerate(imagenet_class_names())]
+
+
+class ImageNetClass(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        opts = _imagenet_options()
+        return io.Schema(
+            node_id="GFCGImageNetClass",
+            display_name="ImageNet Class",
+            category="sampling/gfcg",
+            description="Pick an ImageNet-1k class from a searchable list (type to filter, e.g. 'retriever'); its "
+                        "index goes to a desired_class or fixed_reference_class input (any ImageNet classifier: "
+                        "timm 1000-class heads or the zero-shot loader with imagenet-1k) or to an EDM2 class label.",
+            inputs=[io.Combo.Input("class_name", options=opts, default=opts[207],
+                                   tooltip="The ImageNet class, as 'index: names' (timm's ImageNet-1k names).")],
+            outputs=[io.String.Output(display_name="class", tooltip="The class index as text, e.g. '207' (what the "
+                                                                    "class inputs of this pack accept)."),
+                     io.Int.Output(display_name="index", tooltip="The class index 0..999.")],
+        )
+
+    @classmethod
+    def execute(cls, class_name) -> io.NodeOutput:
+        idx = int(str(class_name).split(":", 1)[0])
+        return io.NodeOutput(str(idx), idx)

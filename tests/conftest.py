@@ -140,3 +140,38 @@ def api_wait(url, prompt_id, timeout=240):
             return hist[prompt_id]
         time.sleep(1)
     pytest.fail("prompt did not finish")
+
+
+# ---------------------------------------------------------------- in-process ComfyUI helpers
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    st = load_comfy()
+    import folder_paths
+
+    import comfy_models as cm
+
+    folder = tmp_path_factory.mktemp("classifiers")
+    cm.save_classifier(str(folder))
+    cm.save_classifier(str(folder), name="no_arch.safetensors", metadata=False)
+    folder_paths.add_model_folder_path("gfcg_classifiers", str(folder))
+    reg = st["nodes"].NODE_CLASS_MAPPINGS
+    clf = reg["GFCGLoadImageClassifier"].execute("tiny_resnet.safetensors", "").result[0]
+    return dict(reg=reg, cm=cm, clf=clf, folder=folder)
+
+
+def node(env, name, **kw):
+    return env["reg"][name].execute(**kw).result[0]
+
+
+def sample(guider, seed=1, sampler="euler", steps=6, batch=2, size=16, channels=3):
+    import torch
+
+    import comfy.samplers
+    from comfy_extras.nodes_custom_sampler import Noise_RandomNoise, SamplerCustomAdvanced
+
+    sigmas = comfy.samplers.calculate_sigmas(guider.model_patcher.get_model_object("model_sampling"), "karras", steps)
+    latent = {"samples": torch.zeros(batch, channels, size, size)}
+    with torch.inference_mode():
+        out, _ = SamplerCustomAdvanced().sample(Noise_RandomNoise(seed), guider, comfy.samplers.sampler_object(sampler),
+                                                sigmas, latent)
+    return out["samples"]

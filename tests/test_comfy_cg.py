@@ -6,8 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import REPO, api_post, api_wait
-from test_comfy_guider import env, node, sample  # noqa: F401  (env is a fixture)
+from conftest import REPO, api_post, api_wait, node, sample
 
 pytestmark = pytest.mark.comfy
 

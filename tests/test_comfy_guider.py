@@ -5,29 +5,9 @@ import asyncio
 import pytest
 import torch
 
-from conftest import load_comfy
+from conftest import node, sample  # the env fixture lives in conftest
 
 pytestmark = pytest.mark.comfy
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    st = load_comfy()
-    import folder_paths
-
-    import comfy_models as cm
-
-    folder = tmp_path_factory.mktemp("classifiers")
-    cm.save_classifier(str(folder))
-    cm.save_classifier(str(folder), name="no_arch.safetensors", metadata=False)
-    folder_paths.add_model_folder_path("gfcg_classifiers", str(folder))
-    reg = st["nodes"].NODE_CLASS_MAPPINGS
-    clf = reg["GFCGLoadImageClassifier"].execute("tiny_resnet.safetensors", "").result[0]
-    return dict(reg=reg, cm=cm, clf=clf, folder=folder)
-
-
-def node(env, name, **kw):
-    return env["reg"][name].execute(**kw).result[0]
 
 
 GFCG_DEFAULTS = dict(desired_class="3", tau=0.5, alpha=2.0, beta=1.0, window_start=0.0, window_end=1.0, period=1,
@@ -37,18 +17,6 @@ GFCG_DEFAULTS = dict(desired_class="3", tau=0.5, alpha=2.0, beta=1.0, window_sta
 def gfcg(env, model, positive, **over):
     kw = dict(GFCG_DEFAULTS, **over)
     return node(env, "GFCGGuider", model=model, positive=positive, classifier=env["clf"], **kw)
-
-
-def sample(guider, seed=1, sampler="euler", steps=6, batch=2, size=16, channels=3):
-    import comfy.samplers
-    from comfy_extras.nodes_custom_sampler import Noise_RandomNoise, SamplerCustomAdvanced
-
-    sigmas = comfy.samplers.calculate_sigmas(guider.model_patcher.get_model_object("model_sampling"), "karras", steps)
-    latent = {"samples": torch.zeros(batch, channels, size, size)}
-    with torch.inference_mode():
-        out, _ = SamplerCustomAdvanced().sample(Noise_RandomNoise(seed), guider, comfy.samplers.sampler_object(sampler),
-                                                sigmas, latent)
-    return out["samples"]
 
 
 # ------------------------------------------------------------------ registry, schema, docs

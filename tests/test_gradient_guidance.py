@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from comfyui_gfcg.guiders.config import GFCGInputError
-from comfyui_gfcg.guiders.engine import Branch
 from comfyui_gfcg.guiders.gradient import (CGConfig, CGEngine, denoised_term, guidance_gradient,
                                            guidance_objective, guidance_weight, noisy_input, rms, rms_normalise,
                                            softplus_copy)
