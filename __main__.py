@@ -1,10 +1,20 @@
-"""``python -m comfyui_gfcg demo | bench | sweep | cgbench | train | toy``: the testbed's commands."""
+"""``python -m comfyui_gfcg demo | bench | sweep | cgbench | decodebench | train | toy``: the testbed's commands."""
 from __future__ import annotations
 
 import argparse
 import json
 import os
 import sys
+
+
+def _write(out: str, stem: str, result: dict, table: str) -> str:
+    """``<stem>.json`` (the result) and ``<stem>.md`` (its table) in ``out``; returns the table."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{stem}.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(out, f"{stem}.md"), "w") as f:
+        f.write(table)
+    return table
 
 
 def _settings(args):
@@ -56,12 +66,7 @@ def bench(args) -> int:
     from .testbed.bench import benchmark, markdown_table, plot_benchmark
 
     res = benchmark(args.methods, n_per_class=args.n_per_class, settings=_settings(args), seed=args.seed)
-    os.makedirs(args.out, exist_ok=True)
-    table = markdown_table(res)
-    with open(os.path.join(args.out, "bench.json"), "w") as f:
-        json.dump(res, f, indent=1)
-    with open(os.path.join(args.out, "bench.md"), "w") as f:
-        f.write(table)
+    table = _write(args.out, "bench", res, markdown_table(res))
     plot_benchmark(res, os.path.join(args.out, "bench.png"))
     print(table)
     if "gfcg_minus_none" in res:
@@ -83,15 +88,16 @@ def cgbench(args) -> int:
 
     res = cg_benchmark(n_per_class=args.n_per_class, settings=_settings(args), seed=args.seed,
                        **({} if args.scale is None else {"scale": args.scale}))
-    os.makedirs(args.out, exist_ok=True)
-    table = cg_markdown_table(res)
-    with open(os.path.join(args.out, "cg_bench.json"), "w") as f:
-        json.dump(res, f, indent=1)
-    with open(os.path.join(args.out, "cg_bench.md"), "w") as f:
-        f.write(table)
+    table = _write(args.out, "cg_bench", res, cg_markdown_table(res))
     print(table)
     print(f"wrote cg_bench.json and cg_bench.md to {args.out}")
     return 0
+
+
+def decodebench(args) -> int:
+    from .decode_bench import main as run_decode_bench
+
+    return run_decode_bench(args)
 
 
 def train(args) -> int:
@@ -133,6 +139,15 @@ def main(argv=None) -> int:
                        "pre-conditioning steps switched on in turn, next to GFCG, with wall time")
     sampling_args(c, 100, os.path.join("testbed", "results"))
     c.add_argument("--scale", type=float, default=None, help="CG scale s (default: the testbed's, from the sweep)")
+    e = sub.add_parser("decodebench", help="cost and classifier agreement of the decode choices (vae, taesd, "
+                       "latent_rgb, half resolution) for a latent model; needs a ComfyUI checkout")
+    e.add_argument("--n", type=int, default=8, help="estimates for the agreement")
+    e.add_argument("--reps", type=int, default=3, help="timed repetitions (median)")
+    e.add_argument("--vae", default=None, help="a real SD VAE file (default: random weights)")
+    e.add_argument("--taesd", default=None, help="a real taesd_decoder file (default: random weights)")
+    e.add_argument("--classifier", default=None, help="a timm classifier file (default: random resnet50)")
+    e.add_argument("--comfyui", default=None, help="ComfyUI checkout (default: COMFYUI_PATH or ../ComfyUI)")
+    e.add_argument("--out", default=os.path.join("testbed", "results"))
     o = sub.add_parser("toy", help="the analytic toy: class precision per guidance method (no weights)")
     o.add_argument("--n", type=int, default=2000)
     o.add_argument("--seed", type=int, default=0)
@@ -142,7 +157,8 @@ def main(argv=None) -> int:
                    "guidance_classifier eval_classifier")
     t.add_argument("--out", default=None, help="folder (default: the pack's testbed/weights)")
     args = p.parse_args(argv)
-    return {"train": train, "demo": demo, "bench": bench, "sweep": sweep, "toy": toy, "cgbench": cgbench}[args.cmd](args)
+    return {"train": train, "demo": demo, "bench": bench, "sweep": sweep, "toy": toy, "cgbench": cgbench,
+            "decodebench": decodebench}[args.cmd](args)
 
 
 if __name__ == "__main__":

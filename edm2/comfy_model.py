@@ -67,7 +67,9 @@ class EDM2LatentFormat(comfy.latent_formats.LatentFormat):
         self.scale = list(scale or EDM2_DEFAULT_ENCODER["scale"])
         self.bias = list(bias or EDM2_DEFAULT_ENCODER["bias"])
         self.latent_rgb_factors, self.latent_rgb_factors_bias = preview_factors(self.scale, self.bias)
-        self.taesd_decoder_name = None  # SD1.5 TAESD expects SD-scaled latents, not EDM2's
+        self.taesd_decoder_name = None  # SD1.5 TAESD expects SD-scaled latents, not EDM2's (no previews)
+        # ... so the pack's decoder converts: TAESD(SD15.process_in(process_out(x))), see comfy_guider
+        self.gfcg_taesd = ("taesd_decoder", comfy.latent_formats.SD15())
 
     def process_in(self, latent):
         return raw_to_edm2(latent, self.scale, self.bias)

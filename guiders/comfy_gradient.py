@@ -16,7 +16,7 @@ import torch
 
 import comfy.samplers
 
-from .comfy_guider import PixelDecoder
+from .comfy_guider import PixelDecoder, post_cfg_hooks, pre_cfg_hooks
 from .config import GFCGInputError
 from .gradient import CGConfig, CGEngine, softplus_copy
 
@@ -73,17 +73,6 @@ class ClassifierGuidanceGuider(comfy.samplers.CFGGuider):
             conds = [positive if b.cond == "positive" else negative for b in branches]
             return comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, model_options)
 
-        def pre_cfg(d1, uncond):
-            out = [d1, uncond]
-            for fn in model_options.get("sampler_pre_cfg_function", []):
-                out = fn({"conds": [positive, negative], "conds_out": out, "cond_scale": self.cfg, "timestep": timestep,
-                          "input": x, "sigma": timestep, "model": self.inner_model, "model_options": model_options})
-            return out[0], out[1]
-
+        pre_cfg = pre_cfg_hooks(model_options, positive, negative, self.cfg, timestep, x, self.inner_model)
         res = self.engine.denoise(x, float(timestep.flatten()[0]), main, self._logits, pre_cfg)
-        denoised = res.denoised
-        for fn in model_options.get("sampler_post_cfg_function", []):
-            denoised = fn({"denoised": denoised, "cond": positive, "uncond": negative, "cond_scale": self.cfg,
-                           "model": self.inner_model, "uncond_denoised": res.uncond, "cond_denoised": res.cond,
-                           "sigma": timestep, "model_options": model_options, "input": x})
-        return denoised
+        return post_cfg_hooks(model_options, res, positive, negative, self.cfg, timestep, x, self.inner_model)

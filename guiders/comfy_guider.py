@@ -280,6 +280,28 @@ def make_reference(positive, class_names, clip=None, prompt_template: str = "a p
                          "must be built from text; connect the model's CLIP")
 
 
+def pre_cfg_hooks(model_options, positive, negative, cond_scale, timestep, x, model):
+    """(d1, uncond) -> (d1, uncond) through the model's ``sampler_pre_cfg_function`` list, with the
+    arguments ComfyUI's own CFG passes them."""
+    def run(d1, uncond):
+        out = [d1, uncond]
+        for fn in model_options.get("sampler_pre_cfg_function", []):
+            out = fn({"conds": [positive, negative], "conds_out": out, "cond_scale": cond_scale, "timestep": timestep,
+                      "input": x, "sigma": timestep, "model": model, "model_options": model_options})
+        return out[0], out[1]
+    return run
+
+
+def post_cfg_hooks(model_options, res, positive, negative, cond_scale, timestep, x, model) -> torch.Tensor:
+    """The guided estimate ``res.denoised`` through the model's ``sampler_post_cfg_function`` list."""
+    denoised = res.denoised
+    for fn in model_options.get("sampler_post_cfg_function", []):
+        denoised = fn({"denoised": denoised, "cond": positive, "uncond": negative, "cond_scale": cond_scale,
+                       "model": model, "uncond_denoised": res.uncond, "cond_denoised": res.cond, "sigma": timestep,
+                       "model_options": model_options, "input": x})
+    return denoised
+
+
 class GFCGGuider(comfy.samplers.CFGGuider):
     """GFCG alone, or stacked with CFG (negative conditioning) or autoguidance (guide model)."""
 
@@ -398,20 +420,7 @@ class GFCGGuider(comfy.samplers.CFGGuider):
             return self._evaluate("guide", self.guide_patcher.model, self.guide_conds, x, timestep, model_options,
                                   branches)
 
-        def pre_cfg(d1, uncond):
-            fns = model_options.get("sampler_pre_cfg_function", [])
-            out = [d1, uncond]
-            for fn in fns:
-                out = fn({"conds": [positive, negative], "conds_out": out, "cond_scale": self.cfg,
-                          "timestep": timestep, "input": x, "sigma": timestep, "model": self.inner_model,
-                          "model_options": model_options})
-            return out[0], out[1]
-
+        pre_cfg = pre_cfg_hooks(model_options, positive, negative, self.cfg, timestep, x, self.inner_model)
         res = self.engine.denoise(x, float(timestep.flatten()[0]), main, self._classify,
                                   guide if self.guide_patcher is not None else None, pre_cfg)
-        denoised = res.denoised
-        for fn in model_options.get("sampler_post_cfg_function", []):
-            denoised = fn({"denoised": denoised, "cond": positive, "uncond": negative, "cond_scale": res.scale,
-                           "model": self.inner_model, "uncond_denoised": res.uncond, "cond_denoised": res.cond,
-                           "sigma": timestep, "model_options": model_options, "input": x})
-        return denoised
+        return post_cfg_hooks(model_options, res, positive, negative, res.scale, timestep, x, self.inner_model)

@@ -78,9 +78,14 @@ class LoadImageClassifier(io.ComfyNode):
 NO_FILE = "(none)"
 
 
-def _clip_architectures():
-    import open_clip
+NO_OPEN_CLIP = "(open_clip is not installed)"
 
+
+def _clip_architectures():
+    try:
+        import open_clip
+    except ImportError:  # the rest of the pack works without it
+        return [NO_OPEN_CLIP]
     return list(open_clip.list_models())
 
 
@@ -128,6 +133,8 @@ class LoadZeroShotClassifier(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, clip_name, class_source, class_list="", class_file=NO_FILE, templates="openai imagenet (80)",
                         custom_templates="", **_other):
+        if _other.get("architecture") == NO_OPEN_CLIP:
+            return "architecture: open_clip is not installed; pip install open_clip_torch"
         if folder_paths.get_full_path(CLIP_FOLDER_KEY, clip_name) is None:
             roots = ", ".join(folder_paths.get_folder_paths(CLIP_FOLDER_KEY))
             return f"clip_name: file {clip_name!r} not found in {roots}"
