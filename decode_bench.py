@@ -145,6 +145,9 @@ def run(n: int = 8, reps: int = 3, vae_path=None, taesd_path=None, classifier_pa
     lat = torch.randn(n, 4, 64, 64, generator=g) * 0.5
     classify_s = _time(lambda: clf(torch.rand(1, 3, 512, 512)), reps)
 
+    from .guiders.gradient import guidance_gradient, softplus_copy
+
+    smooth, _ = softplus_copy(clf, 5.0)
     full = PixelDecoder(vae, "vae", 1.0)
     ref_p = torch.cat([torch.softmax(clf(full(model, lat[i:i + 1])), 1) for i in range(n)])
     rows = []
@@ -152,11 +155,16 @@ def run(n: int = 8, reps: int = 3, vae_path=None, taesd_path=None, classifier_pa
         dec = PixelDecoder(vae, method, res)
         one = lat[:1]
         decode_s = _time(lambda: dec(model, one), reps)
+        dec.prepare_gradients(one.device)   # what the gradient guider does per run
+        grad_s = _time(lambda: guidance_gradient(lambda z: smooth(dec(model, z)), one, torch.tensor([207]), 1.0, 0.0),
+                       reps)
+        dec.release()
         p = torch.cat([torch.softmax(clf(dec(model, lat[i:i + 1])), 1) for i in range(n)])
         agree = float((p.argmax(1) == ref_p.argmax(1)).float().mean())
         tv = float(0.5 * (p - ref_p).abs().sum(1).mean())
         rows.append({"decode": method, "resolution": res, "decode_s": decode_s, "decode_rel": decode_s / denoiser_s,
-                     "path_rel": (decode_s + classify_s) / denoiser_s, "top1_agreement": agree, "mean_tv": tv})
+                     "path_rel": (decode_s + classify_s) / denoiser_s, "grad_s": grad_s,
+                     "grad_rel": grad_s / denoiser_s, "top1_agreement": agree, "mean_tv": tv})
         print(f"{method:>10} x{res:<4} decode {decode_s * 1000:8.1f} ms = {decode_s / denoiser_s:6.3f} denoiser evals; "
               f"top-1 agreement {agree:.2f}, TV {tv:.3f}", flush=True)
     return {"denoiser": "EDM2-S img512 (pack's EDM2 network, random weights), batch 1, 64x64x4",
@@ -171,12 +179,13 @@ def markdown(res: dict) -> str:
              f"{res['threads']} threads); classifier ({res['classifier']}) forward = {res['classify_s'] * 1000:.0f} ms "
              f"= {res['classify_s'] / res['denoiser_s']:.3f} evaluations. VAE: {res['vae']}; TAESD: {res['taesd']}. "
              f"Agreement over {res['n_estimates']} estimates.", "",
-             "| decode | resolution | decode time | decode / denoiser eval | decode + classify / denoiser eval | "
+             "| decode | resolution | decode time | decode / denoiser eval | decode + classify / denoiser eval "
+             "(GFCG's path) | gradient: decode + classify, forward + backward / denoiser eval (CG's path) | "
              "top-1 agreement with full VAE | mean TV distance of p |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in res["rows"]:
         lines.append(f"| {r['decode']} | {r['resolution']:g} | {r['decode_s'] * 1000:.1f} ms | {r['decode_rel']:.3f} | "
-                     f"{r['path_rel']:.3f} | {r['top1_agreement']:.2f} | {r['mean_tv']:.3f} |")
+                     f"{r['path_rel']:.3f} | {r['grad_rel']:.3f} | {r['top1_agreement']:.2f} | {r['mean_tv']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
