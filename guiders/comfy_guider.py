@@ -210,6 +210,7 @@ class PixelDecoder:
         self.vae, self.method, self.resolution = vae, method, float(resolution)
         self._taesd = None
         self._grad_vae = None
+        self._rgb = None
 
     def is_pixel_space(self, z: torch.Tensor) -> bool:
         vae = self.vae
@@ -222,6 +223,15 @@ class PixelDecoder:
     def release(self) -> None:
         self._grad_vae = None
         self._taesd = None
+
+    def _rgb_factors(self, fmt, device):
+        """The format's latent-to-RGB factors [C, 3] and bias [1, 3, 1, 1] on ``device`` (made once)."""
+        if self._rgb is None or self._rgb[0].device != torch.device(device):
+            factors = torch.tensor(fmt.latent_rgb_factors, dtype=torch.float32)
+            bias = getattr(fmt, "latent_rgb_factors_bias", None)
+            bias = torch.zeros(3) if bias is None else torch.tensor(bias, dtype=torch.float32)
+            self._rgb = (factors.to(device), bias.view(1, 3, 1, 1).to(device))
+        return self._rgb
 
     def _shrink(self, x0: torch.Tensor) -> torch.Tensor:
         if self.resolution >= 1.0:
@@ -244,12 +254,8 @@ class PixelDecoder:
                              f"{z.shape[1]}-channel ones; connect the VAE that belongs to the model")
         zero_one = getattr(getattr(model, "latent_format", None), "vae_output_range", "-1..1") == "0..1"
         if self.method == "latent_rgb":
-            fmt = model.latent_format
-            factors = torch.tensor(fmt.latent_rgb_factors, dtype=torch.float32, device=x0.device)   # [C, 3]
-            bias = getattr(fmt, "latent_rgb_factors_bias", None)
-            v = torch.einsum("bchw,cr->brhw", x0.float(), factors)
-            if bias is not None:
-                v = v + torch.tensor(bias, dtype=torch.float32, device=x0.device).view(1, 3, 1, 1)
+            factors, bias = self._rgb_factors(model.latent_format, x0.device)
+            v = torch.einsum("bchw,cr->brhw", x0.float(), factors) + bias
             return straight_through_clamp((v + 1.0) / 2.0)   # the previewer's [-1, 1] -> [0, 1]
         if self.method == "taesd":
             name, t_in = taesd_input(model, x0)

@@ -174,3 +174,30 @@ def test_http_run_matches_headless_sampler_and_memory_stays_flat(server):
     # an autograd graph or classifier copy kept per run would add megabytes per run (the Softplus
     # copy of the guidance classifier alone is ~9 MB); allocator noise stays well below 24 MB
     assert growth < 24, rss
+
+
+@pytest.mark.parametrize("fmt_name", ["SD15", "SDXL", "EDM2"])
+def test_latent_rgb_decode_matches_comfyui_previewer(env, fmt_name):
+    """decode = latent_rgb shows the classifier what ComfyUI's latent-to-RGB preview shows."""
+    import numpy as np
+
+    import comfy.latent_formats
+    import latent_preview
+
+    from comfyui_gfcg.edm2.comfy_model import EDM2LatentFormat
+    from comfyui_gfcg.guiders.comfy_guider import PixelDecoder
+
+    fmt = EDM2LatentFormat() if fmt_name == "EDM2" else getattr(comfy.latent_formats, fmt_name)()
+
+    class Model:
+        latent_format = fmt
+
+        @staticmethod
+        def process_latent_out(x):
+            return fmt.process_out(x)
+
+    x0 = torch.randn(1, 4, 8, 8) * 0.8
+    ours = PixelDecoder(env["cm"].taesd_vae(), "latent_rgb")(Model, x0)[0].permute(1, 2, 0)   # [H, W, 3]
+    prev = latent_preview.Latent2RGBPreviewer(fmt.latent_rgb_factors, getattr(fmt, "latent_rgb_factors_bias", None))
+    theirs = torch.from_numpy(np.asarray(prev.decode_latent_to_preview(x0))).float() / 255
+    assert (ours - theirs).abs().max() <= 1.01 / 255        # equal up to the preview's uint8 rounding
