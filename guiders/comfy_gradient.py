@@ -16,7 +16,7 @@ import torch
 
 import comfy.samplers
 
-from .comfy_guider import PixelDecoder, post_cfg_hooks, pre_cfg_hooks
+from .comfy_guider import PixelDecoder, post_cfg_hooks, pre_cfg_hooks, report_trace
 from .config import GFCGInputError
 from .gradient import CGConfig, CGEngine, softplus_copy
 
@@ -53,6 +53,7 @@ class ClassifierGuidanceGuider(comfy.samplers.CFGGuider):
         self._grad_classifier, _ = softplus_copy(self.classifier.classifier, self.config.softplus_beta)
         self.decoder.prepare_gradients(device)
         self.engine.begin(sigmas)
+        self._reported = 0
         try:
             return super().inner_sample(noise, latent_image, device, sampler, sigmas, denoise_mask, callback,
                                         disable_pbar, seed)
@@ -75,4 +76,5 @@ class ClassifierGuidanceGuider(comfy.samplers.CFGGuider):
 
         pre_cfg = pre_cfg_hooks(model_options, positive, negative, self.cfg, timestep, x, self.inner_model)
         res = self.engine.denoise(x, float(timestep.flatten()[0]), main, self._logits, pre_cfg)
+        self._reported = report_trace(self.engine, self.classifier.class_names, 0.0, self._reported)
         return post_cfg_hooks(model_options, res, positive, negative, self.cfg, timestep, x, self.inner_model)

@@ -286,6 +286,29 @@ def make_reference(positive, class_names, clip=None, prompt_template: str = "a p
                          "must be built from text; connect the model's CLIP")
 
 
+def report_progress(text: str) -> None:
+    """Show ``text`` on the node that is executing (the sampler) through ComfyUI's progress-text
+    channel; nothing when no server runs (scripts, tests in-process)."""
+    try:
+        from comfy_execution.utils import get_executing_context
+        from server import PromptServer
+    except ImportError:
+        return
+    ctx, srv = get_executing_context(), getattr(PromptServer, "instance", None)
+    if ctx is not None and srv is not None:
+        srv.send_progress_text(text, ctx.node_id)
+
+
+def report_trace(engine, class_names, tau: float, reported: int) -> int:
+    """Report the trace entries after the first ``reported`` ones; returns the new count."""
+    from .trace_plot import progress_line
+
+    trace = engine.trace
+    if len(trace) > reported:
+        report_progress(progress_line(trace[-1], engine.n_steps, class_names, tau))
+    return len(trace)
+
+
 def pre_cfg_hooks(model_options, positive, negative, cond_scale, timestep, x, model):
     """(d1, uncond) -> (d1, uncond) through the model's ``sampler_pre_cfg_function`` list, with the
     arguments ComfyUI's own CFG passes them."""
@@ -384,6 +407,7 @@ class GFCGGuider(comfy.samplers.CFGGuider):
             self.guide_conds = comfy.samplers.process_conds(g.model, noise, gconds, device, latent, denoise_mask, seed)
             g.pre_run()
         self.engine.begin(sigmas, seed)
+        self._reported = 0
         return super().inner_sample(noise, latent_image, device, sampler, sigmas, denoise_mask, callback, disable_pbar, seed)
 
     def _evaluate(self, which: str, model, conds: Dict[str, list], x, t, model_options,
@@ -429,4 +453,6 @@ class GFCGGuider(comfy.samplers.CFGGuider):
         pre_cfg = pre_cfg_hooks(model_options, positive, negative, self.cfg, timestep, x, self.inner_model)
         res = self.engine.denoise(x, float(timestep.flatten()[0]), main, self._classify,
                                   guide if self.guide_patcher is not None else None, pre_cfg)
+        self._reported = report_trace(self.engine, self.classifier.class_names, self.engine.config.tau,
+                                      self._reported)
         return post_cfg_hooks(model_options, res, positive, negative, res.scale, timestep, x, self.inner_model)

@@ -100,6 +100,10 @@ class GFCGEngine:
         self._generator = None
         self._previous = None
 
+    @property
+    def n_steps(self) -> int:
+        return self.schedule.n_steps
+
     def _rng(self, device) -> torch.Generator:
         if self._generator is None or self._generator.device != torch.device(device):
             self._generator = torch.Generator(device=device)

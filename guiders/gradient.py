@@ -220,6 +220,10 @@ class CGEngine:
         self._sigmas = s
         self.trace = []
 
+    @property
+    def n_steps(self) -> int:
+        return len(self._sigmas) - 1 if self._sigmas else 0
+
     def _desired(self, b: int, device) -> torch.Tensor:
         if self.desired_rows is not None:
             if self.desired_rows.shape[0] != b:

@@ -4,8 +4,10 @@ from .classifier_nodes import ImageNetClass, LoadImageClassifier, LoadZeroShotCl
 from .edm2_nodes import EDM2_NODES
 from .cg_nodes import ClassifierGuidanceNode
 from .guider_nodes import GFCGCombinerNode, GFCGGuiderNode
+from .trace_nodes import GuidanceTracePlot
 
-NODES = [LoadImageClassifier, LoadZeroShotClassifier, ImageNetClass, GFCGGuiderNode, GFCGCombinerNode, ClassifierGuidanceNode, *EDM2_NODES]
+NODES = [LoadImageClassifier, LoadZeroShotClassifier, ImageNetClass, GFCGGuiderNode, GFCGCombinerNode, ClassifierGuidanceNode, GuidanceTracePlot,
+         *EDM2_NODES]
 
 
 class GFCGExtension(ComfyExtension):
