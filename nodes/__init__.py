@@ -3,11 +3,11 @@ from ._api import ComfyExtension, io
 from .classifier_nodes import ImageNetClass, LoadImageClassifier, LoadZeroShotClassifier
 from .edm2_nodes import EDM2_NODES
 from .cg_nodes import ClassifierGuidanceNode
-from .guider_nodes import GFCGCombinerNode, GFCGGuiderNode
+from .guider_nodes import GFCGCombinerNode, GFCGGuiderNode, GFCGModelPatchNode
 from .trace_nodes import GuidanceTracePlot
 
-NODES = [LoadImageClassifier, LoadZeroShotClassifier, ImageNetClass, GFCGGuiderNode, GFCGCombinerNode, ClassifierGuidanceNode, GuidanceTracePlot,
-         *EDM2_NODES]
+NODES = [LoadImageClassifier, LoadZeroShotClassifier, ImageNetClass, GFCGGuiderNode, GFCGCombinerNode,
+         GFCGModelPatchNode, GuidanceTracePlot, ClassifierGuidanceNode, *EDM2_NODES]
 
 
 class GFCGExtension(ComfyExtension):

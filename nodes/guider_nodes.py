@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from ..classifiers.vocab import resolve_class
 from ..guiders.comfy_guider import DECODE_METHODS, GFCGGuider
+from ..guiders.comfy_patch import GFCGSampleWrapper, patch_model
 from ..guiders.config import GFCGConfig, GFCGInputError, check_window
 from ._api import ClassifierType, io
 
@@ -39,6 +40,74 @@ def _check_class_spec(name: str, value: str, required: bool) -> str | bool:
     return True
 
 
+def gfcg_setting_inputs():
+    """The GFCG settings shared by the GFCG Guider and the GFCG Model Patch (required inputs)."""
+    return [
+        io.String.Input("desired_class", default="golden retriever",
+                        tooltip="The class you want, by name in the classifier's vocabulary (e.g. 'golden "
+                                "retriever', any comma-separated synonym) or by index (e.g. '207')."),
+        io.Float.Input("tau", default=0.5, min=0.0, max=1.0, step=0.01,
+                       tooltip="Confidence threshold: samples with p(desired) >= tau get no guidance; "
+                               "0 disables GFCG, 1 guides every sample that is not certain."),
+        io.Float.Input("alpha", default=4.0, min=0.0, max=50.0, step=0.05,
+                       tooltip="Maximum extra guidance: omega grows from 1 at p = tau to 1 + alpha at p = 0."),
+        io.Float.Input("beta", default=1.0, min=0.01, max=10.0, step=0.05,
+                       tooltip="Shape of the ramp (1 - p/tau)^beta: < 1 guides hard just below tau, > 1 "
+                               "only when the classifier is very unsure."),
+        io.Float.Input("window_start", default=0.0, min=0.0, max=1.0, step=0.01,
+                       tooltip="First step (as a fraction of the sampler's steps) at which the classifier "
+                               "runs; 0 = from the start."),
+        io.Float.Input("window_end", default=1.0, min=0.0, max=1.0, step=0.01,
+                       tooltip="Fraction of the steps after which GFCG stops (must be > window_start)."),
+        io.Int.Input("period", default=1, min=1, max=1000,
+                     tooltip="Run the classifier every `period` steps inside the window; samples keep "
+                             "their last decision in between (cheaper; the decision is keyed to sigma, "
+                             "so Euler and Heun decide alike)."),
+        io.Combo.Input("reference", options=REFERENCE_CHOICES, default="deterministic",
+                       tooltip="How the reference class is picked for a confused sample: the classifier's "
+                               "runner-up (deterministic), a draw from its other classes seeded by the noise "
+                               "seed (stochastic), or the fixed_reference_class."),
+    ]
+
+
+def gfcg_optional_inputs():
+    """The optional inputs shared by the GFCG Guider and the GFCG Model Patch."""
+    return [
+        io.Vae.Input("vae", optional=True,
+                     tooltip="The model's VAE, to show the classifier pixels. Needed for latent models; "
+                             "leave empty for pixel-space models."),
+        io.Clip.Input("clip", optional=True,
+                      tooltip="Text models: the CLIP that encodes the reference prompt (prompt_template with "
+                              "the reference class name). Class-label models need none."),
+        io.String.Input("prompt_template", default="a photo of a {}", optional=True,
+                        tooltip="Text models: the reference prompt; {} is replaced by the class name. "
+                                "Encodings are cached per class."),
+        io.String.Input("fixed_reference_class", default="", optional=True,
+                        tooltip="For reference = fixed: the class to guide away from (name or index)."),
+        io.Combo.Input("classify_input", options=["current", "previous"], default="current", optional=True,
+                       tooltip="What the classifier sees: this evaluation's conditional estimate (paper "
+                               "order; a second forward for confused samples on classifier steps) or the "
+                               "previous evaluation's guided estimate (always one forward)."),
+        io.Float.Input("temperature", default=1.0, min=0.01, max=100.0, step=0.01, optional=True,
+                       tooltip="Softmax temperature T of the classifier (p = softmax(logits / T)); T > 1 "
+                               "flattens p so more samples fall under tau."),
+        *decode_inputs(),
+    ]
+
+
+def gfcg_config(names, desired_class, tau, alpha, beta, window_start, window_end, period, reference,
+                fixed_reference_class="", classify_input="current", temperature=1.0) -> GFCGConfig:
+    """The GFCGConfig of a node's inputs (class names resolved in the classifier's vocabulary)."""
+    desired = _user_error(resolve_class, desired_class, names, "desired_class")
+    fixed = None
+    if reference == "fixed":
+        fixed = _user_error(resolve_class, fixed_reference_class, names, "fixed_reference_class")
+    return _user_error(GFCGConfig, desired_class=desired, tau=tau, alpha=alpha, beta=beta, window_start=window_start,
+                       window_end=window_end, period=period, reference_mode=reference, fixed_reference=fixed,
+                       classify_input=classify_input, temperature=temperature)
+
+
+
 class GFCGGuiderNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -57,49 +126,8 @@ class GFCGGuiderNode(io.ComfyNode):
                 io.Conditioning.Input("positive", tooltip="Your prompt (text models) or class label (class-label "
                                                           "models); the conditional branch D1."),
                 ClassifierType.Input("classifier", tooltip="Image classifier from Load Image Classifier."),
-                io.String.Input("desired_class", default="golden retriever",
-                                tooltip="The class you want, by name in the classifier's vocabulary (e.g. 'golden "
-                                        "retriever', any comma-separated synonym) or by index (e.g. '207')."),
-                io.Float.Input("tau", default=0.5, min=0.0, max=1.0, step=0.01,
-                               tooltip="Confidence threshold: samples with p(desired) >= tau get no guidance; "
-                                       "0 disables GFCG, 1 guides every sample that is not certain."),
-                io.Float.Input("alpha", default=4.0, min=0.0, max=50.0, step=0.05,
-                               tooltip="Maximum extra guidance: omega grows from 1 at p = tau to 1 + alpha at p = 0."),
-                io.Float.Input("beta", default=1.0, min=0.01, max=10.0, step=0.05,
-                               tooltip="Shape of the ramp (1 - p/tau)^beta: < 1 guides hard just below tau, > 1 "
-                                       "only when the classifier is very unsure."),
-                io.Float.Input("window_start", default=0.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="First step (as a fraction of the sampler's steps) at which the classifier "
-                                       "runs; 0 = from the start."),
-                io.Float.Input("window_end", default=1.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Fraction of the steps after which GFCG stops (must be > window_start)."),
-                io.Int.Input("period", default=1, min=1, max=1000,
-                             tooltip="Run the classifier every `period` steps inside the window; samples keep "
-                                     "their last decision in between (cheaper; the decision is keyed to sigma, "
-                                     "so Euler and Heun decide alike)."),
-                io.Combo.Input("reference", options=REFERENCE_CHOICES, default="deterministic",
-                               tooltip="How the reference class is picked for a confused sample: the classifier's "
-                                       "runner-up (deterministic), a draw from its other classes seeded by the noise "
-                                       "seed (stochastic), or the fixed_reference_class."),
-                io.Vae.Input("vae", optional=True,
-                             tooltip="The model's VAE, to show the classifier pixels. Needed for latent models; "
-                                     "leave empty for pixel-space models."),
-                io.Clip.Input("clip", optional=True,
-                              tooltip="Text models: the CLIP that encodes the reference prompt (prompt_template with "
-                                      "the reference class name). Class-label models need none."),
-                io.String.Input("prompt_template", default="a photo of a {}", optional=True,
-                                tooltip="Text models: the reference prompt; {} is replaced by the class name. "
-                                        "Encodings are cached per class."),
-                io.String.Input("fixed_reference_class", default="", optional=True,
-                                tooltip="For reference = fixed: the class to guide away from (name or index)."),
-                io.Combo.Input("classify_input", options=["current", "previous"], default="current", optional=True,
-                               tooltip="What the classifier sees: this evaluation's conditional estimate (paper "
-                                       "order; a second forward for confused samples on classifier steps) or the "
-                                       "previous evaluation's guided estimate (always one forward)."),
-                io.Float.Input("temperature", default=1.0, min=0.01, max=100.0, step=0.01, optional=True,
-                               tooltip="Softmax temperature T of the classifier (p = softmax(logits / T)); T > 1 "
-                                       "flattens p so more samples fall under tau."),
-                *decode_inputs(),
+                *gfcg_setting_inputs(),
+                *gfcg_optional_inputs(),
             ],
             outputs=[io.Guider.Output(tooltip="Connect to SamplerCustomAdvanced, or to the GFCG Combiner.")],
         )
@@ -116,14 +144,8 @@ class GFCGGuiderNode(io.ComfyNode):
     def execute(cls, model, positive, classifier, desired_class, tau, alpha, beta, window_start, window_end, period,
                 reference, vae=None, clip=None, prompt_template="a photo of a {}", fixed_reference_class="",
                 classify_input="current", temperature=1.0, decode="vae", decode_resolution=1.0) -> io.NodeOutput:
-        names = classifier.class_names
-        desired = _user_error(resolve_class, desired_class, names, "desired_class")
-        fixed = None
-        if reference == "fixed":
-            fixed = _user_error(resolve_class, fixed_reference_class, names, "fixed_reference_class")
-        config = _user_error(GFCGConfig, desired_class=desired, tau=tau, alpha=alpha, beta=beta,
-                             window_start=window_start, window_end=window_end, period=period, reference_mode=reference,
-                             fixed_reference=fixed, classify_input=classify_input, temperature=temperature)
+        config = gfcg_config(classifier.class_names, desired_class, tau, alpha, beta, window_start, window_end, period,
+                             reference, fixed_reference_class, classify_input, temperature)
         guider = _user_error(GFCGGuider, model, config, classifier, positive, vae=vae, clip=clip,
                              prompt_template=prompt_template, decode=decode, decode_resolution=decode_resolution)
         return io.NodeOutput(guider)
@@ -166,3 +188,41 @@ class GFCGCombinerNode(io.ComfyNode):
         combine = "cfg" if combine_with == "cfg" else "atg"
         guider = _user_error(gfcg.combined, combine, mode, scale, negative=negative, guide_patcher=guide_model)
         return io.NodeOutput(guider)
+
+
+class GFCGModelPatchNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="GFCGModelPatch",
+            display_name="GFCG Model Patch (KSampler)",
+            category="sampling/gfcg",
+            description="GFCG for the plain KSampler and KSamplerAdvanced: patches the MODEL so that sampling it runs "
+                        "GFCG with the sampler's own positive, negative and cfg -- GFCG alone at cfg 1, GFCG stacked on "
+                        "CFG (mode additive or swap) otherwise. Same settings, same result as the GFCG Guider (+ GFCG "
+                        "Combiner with cfg) on SamplerCustomAdvanced.",
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model to patch; connect the output to KSampler."),
+                ClassifierType.Input("classifier", tooltip="Image classifier from a classifier loader."),
+                *gfcg_setting_inputs(),
+                io.Combo.Input("mode", options=["additive", "swap"], default="additive", optional=True,
+                               tooltip="With the KSampler's cfg > 1: additive adds GFCG's reference term to CFG; swap "
+                                       "replaces a confused sample's negative branch by its reference class."),
+                *gfcg_optional_inputs(),
+            ],
+            outputs=[io.Model.Output(tooltip="The patched model, for KSampler / KSamplerAdvanced.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, window_start, window_end, desired_class):
+        return GFCGGuiderNode.validate_inputs(window_start, window_end, desired_class)
+
+    @classmethod
+    def execute(cls, model, classifier, desired_class, tau, alpha, beta, window_start, window_end, period, reference,
+                mode="additive", vae=None, clip=None, prompt_template="a photo of a {}", fixed_reference_class="",
+                classify_input="current", temperature=1.0, decode="vae", decode_resolution=1.0) -> io.NodeOutput:
+        config = gfcg_config(classifier.class_names, desired_class, tau, alpha, beta, window_start, window_end, period,
+                             reference, fixed_reference_class, classify_input, temperature)
+        wrapper = GFCGSampleWrapper(config, classifier, vae=vae, clip=clip, prompt_template=prompt_template, mode=mode,
+                                    decode=decode, decode_resolution=decode_resolution)
+        return io.NodeOutput(patch_model(model, wrapper))

@@ -1,0 +1,69 @@
+"""GFCG as a MODEL patch, for KSampler and KSamplerAdvanced (imports ComfyUI).
+
+The patch is an OUTER_SAMPLE wrapper (ComfyUI's ``patcher_extension``): when a sampler node runs
+the patched model, the wrapper takes the sampler's own guider (its positive, negative and cfg)
+and samples through a :class:`~.comfy_guider.GFCGGuider` built from them -- GFCG alone when
+cfg = 1, GFCG stacked on CFG with the KSampler's cfg otherwise. The reference branch is therefore
+evaluated inside the patch by the very code the GUIDER node runs, so both give the same result
+for the same settings (a test checks it bit for bit).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import comfy.patcher_extension
+
+from .comfy_guider import GFCGGuider
+from .config import GFCGConfig
+
+WRAPPER_KEY = "comfyui_gfcg.model_patch"
+
+
+def raw_conditioning(converted: list) -> list:
+    """ComfyUI's CONDITIONING ([[cross_attn, extras], ...]) back from the converted list a
+    CFGGuider keeps (``sampler_helpers.convert_cond``: extras with ``cross_attn`` and ``uuid``)."""
+    out = []
+    for c in converted:
+        extras = {k: v for k, v in c.items() if k not in ("cross_attn", "uuid")}
+        out.append([c.get("cross_attn"), extras])
+    return out
+
+
+class GFCGSampleWrapper:
+    """The OUTER_SAMPLE wrapper that a GFCG Model Patch adds to a model."""
+
+    def __init__(self, config: GFCGConfig, classifier, vae=None, clip=None, prompt_template: str = "a photo of a {}",
+                 mode: str = "additive", decode: str = "vae", decode_resolution: float = 1.0):
+        self.settings = dict(config=config, classifier=classifier, vae=vae, clip=clip, prompt_template=prompt_template,
+                             mode=mode, decode=decode, decode_resolution=decode_resolution)
+        self.last_guider: Optional[GFCGGuider] = None
+
+    def guider_for(self, outer) -> GFCGGuider:
+        """The GFCG guider equivalent to the sampler's guider ``outer`` (a CFGGuider)."""
+        conds = outer.original_conds
+        cfg = float(getattr(outer, "cfg", 1.0))
+        negative = conds.get("negative")
+        combine = "cfg" if negative is not None and cfg != 1.0 else "none"
+        s = self.settings
+        g = GFCGGuider(outer.model_patcher, s["config"], s["classifier"], raw_conditioning(conds["positive"]),
+                       vae=s["vae"], clip=s["clip"], prompt_template=s["prompt_template"], combine=combine,
+                       mode=s["mode"], scale=cfg if combine == "cfg" else 1.0,
+                       negative=raw_conditioning(negative) if combine == "cfg" else None,
+                       decode=s["decode"], decode_resolution=s["decode_resolution"])
+        # the guider's own model clone must not run this wrapper again
+        g.model_patcher.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY)
+        return g
+
+    def __call__(self, executor, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None,
+                 disable_pbar=False, seed=None):
+        g = self.guider_for(executor.class_obj)
+        self.last_guider = g
+        return g.sample(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed)
+
+
+def patch_model(model_patcher, wrapper: GFCGSampleWrapper):
+    """A clone of ``model_patcher`` that samples with GFCG (any earlier GFCG patch replaced)."""
+    m = model_patcher.clone()
+    m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY)
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, wrapper)
+    return m
