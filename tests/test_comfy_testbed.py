@@ -2,14 +2,13 @@
 through ComfyUI's HTTP API, against the headless sampler on the same seed and settings; and the
 editor form of the workflow against its API form."""
 import json
-import os
 import urllib.request
 
 import pytest
 import torch
 
 from conftest import REPO, api_post, api_wait
-from workflow_format import api_to_ui, strip_meta, ui_to_api
+from workflow_format import strip_meta
 
 pytestmark = pytest.mark.comfy
 API = REPO / "workflows" / "api" / "testbed_gfcg_atg.json"
@@ -18,18 +17,6 @@ UI = REPO / "workflows" / "testbed_gfcg_atg.json"
 
 def _object_info(url):
     return json.load(urllib.request.urlopen(url + "/object_info", timeout=60))
-
-
-def test_testbed_workflow_editor_form_matches_api_form(server):
-    url, _, _ = server
-    info = _object_info(url)
-    api = json.loads(API.read_text())
-    ui = api_to_ui(api, info)
-    if os.environ.get("GFCG_WRITE_WORKFLOWS"):
-        UI.write_text(json.dumps(ui, indent=1) + "\n")
-    committed = json.loads(UI.read_text())
-    assert committed == ui, "workflows/testbed_gfcg_atg.json is stale: rerun with GFCG_WRITE_WORKFLOWS=1"
-    assert ui_to_api(committed, info) == strip_meta(api)
 
 
 def test_editor_workflows_are_listed_as_templates(server):

@@ -1,0 +1,72 @@
+"""Every shipped workflow: the editor form is the API form (converted with the server's
+/object_info, and back), and ComfyUI's own prompt validation accepts the API form -- node types,
+link types, widget values and file names -- with the files users have (placeholders here)."""
+import asyncio
+import json
+import os
+import urllib.request
+
+import pytest
+
+from conftest import REPO
+from workflow_format import api_to_ui, strip_meta, ui_to_api
+
+pytestmark = pytest.mark.comfy
+API_DIR = REPO / "workflows" / "api"
+NAMES = sorted(p.stem for p in API_DIR.glob("*.json"))
+
+# the model files the workflows name, by ComfyUI folder (see docs/model_files.md)
+FILES = {"checkpoints": ["v1-5-pruned-emaonly.safetensors"],
+         "vae": ["vae-ft-mse-840000-ema-pruned.safetensors"],
+         "gfcg_classifiers": ["resnet50.a1_in1k.safetensors"],
+         "edm2": ["edm2-img512-s-2147483-0.070.pkl", "edm2-img512-xs-0134217-0.125.pkl",
+                  "edm2-img512-xxl-0939524-0.075.pkl", "edm2-img512-m-0268435-0.155.pkl",
+                  "edm2-img64-s-1073741-0.075.pkl"]}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_editor_form_matches_api_form(server, name):
+    url, _, _ = server
+    info = json.load(urllib.request.urlopen(url + "/object_info", timeout=60))
+    api = json.loads((API_DIR / f"{name}.json").read_text())
+    ui_path = REPO / "workflows" / f"{name}.json"
+    ui = api_to_ui(api, info)
+    if os.environ.get("GFCG_WRITE_WORKFLOWS"):
+        ui_path.write_text(json.dumps(ui, indent=1) + "\n")
+    committed = json.loads(ui_path.read_text())
+    assert committed == ui, f"workflows/{name}.json is stale: rerun with GFCG_WRITE_WORKFLOWS=1"
+    assert ui_to_api(committed, info) == strip_meta(api)
+
+
+@pytest.fixture(scope="module")
+def placeholder_files(env, tmp_path_factory):
+    """Empty files with the users' file names in the folders ComfyUI lists them from (validation
+    checks names, links and values; it does not open files)."""
+    import folder_paths
+
+    for key, names in FILES.items():
+        folder = tmp_path_factory.mktemp(key)
+        for n in names:
+            (folder / n).write_bytes(b"")
+        folder_paths.add_model_folder_path(key, str(folder))
+    return FILES
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_comfyui_validates_the_workflow(env, placeholder_files, name):
+    import execution
+
+    prompt = strip_meta(json.loads((API_DIR / f"{name}.json").read_text()))
+    valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt("wf", prompt, None))
+    assert valid, (error, node_errors)
+    assert outputs, "the workflow has no output node"
+    # and a wrong widget value or link is caught by the same validation
+    bad = json.loads(json.dumps(prompt))
+    sampler = next(k for k, v in bad.items() if v["class_type"] == "SamplerCustomAdvanced")
+    bad[sampler]["inputs"]["guider"] = [next(k for k, v in bad.items() if v["class_type"] == "RandomNoise"), 0]
+    assert not asyncio.run(execution.validate_prompt("wf", bad, None))[0]
+
+
+def test_every_api_workflow_has_an_editor_form_and_nothing_else():
+    assert NAMES == sorted(p.stem for p in (REPO / "workflows").glob("*.json"))
+    assert len(NAMES) == 5
