@@ -4,6 +4,7 @@ ComfyUI loads this folder from ``custom_nodes/`` and calls ``comfy_entrypoint``;
 (which import ComfyUI) are imported only then, so ``import comfyui_gfcg`` works without ComfyUI.
 """
 __version__ = "0.1.0"
+WEB_DIRECTORY = "./web"   # web/docs/<node id>.md: the help pages of the node documentation panel
 
 
 async def comfy_entrypoint():

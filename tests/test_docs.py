@@ -1,0 +1,63 @@
+"""Docs against the nodes: every node has a description, a tooltip on every input and output, a
+help page in web/docs/ (generated from its schema; GFCG_WRITE_DOCS=1 rewrites them), and a row in
+the README's node table; pyproject carries the registry metadata."""
+import os
+import re
+
+import pytest
+
+from conftest import REPO
+
+pytestmark = pytest.mark.comfy
+
+
+def _pack_nodes(env):
+    from comfyui_gfcg.nodes import NODES
+
+    return {cls.GET_SCHEMA().node_id: env["reg"][cls.GET_SCHEMA().node_id].GET_NODE_INFO_V1() for cls in NODES}
+
+
+def test_every_node_has_description_tooltips_and_a_current_help_page(env):
+    from comfyui_gfcg.nodes.help_pages import help_page
+
+    docs = REPO / "web" / "docs"
+    nodes = _pack_nodes(env)
+    assert len(nodes) == 13
+    for nid, info in nodes.items():
+        assert info["description"].strip(), nid
+        for group in ("required", "optional"):
+            for name, spec in info["input"].get(group, {}).items():
+                assert (spec[1] if len(spec) > 1 else {}).get("tooltip"), f"{nid}.{name} has no tooltip"
+        assert all(info["output_tooltips"]), nid
+        page = help_page(info)
+        if os.environ.get("GFCG_WRITE_DOCS"):
+            docs.mkdir(parents=True, exist_ok=True)
+            (docs / f"{nid}.md").write_text(page)
+        assert (docs / f"{nid}.md").read_text() == page, f"web/docs/{nid}.md is stale: rerun with GFCG_WRITE_DOCS=1"
+    assert sorted(p.stem for p in docs.glob("*.md")) == sorted(nodes)
+
+
+def test_readme_node_reference_matches_the_nodes(env):
+    nodes = _pack_nodes(env)
+    readme = (REPO / "README.md").read_text()
+    rows = re.findall(r"^\| \*\*(.+?)\*\* \(`(\w+)`\) \|", readme, flags=re.M)
+    listed = {nid: name for name, nid in rows}
+    assert sorted(listed) == sorted(nodes), "the README's node tables must list exactly the pack's nodes"
+    for nid, name in listed.items():
+        assert name == nodes[nid]["display_name"], f"README names {nid} {name!r}, the node says {nodes[nid]['display_name']!r}"
+
+
+def test_help_pages_are_served_by_the_server(server):
+    import urllib.request
+
+    url, _, _ = server
+    page = urllib.request.urlopen(f"{url}/extensions/comfyui-gfcg/docs/GFCGGuider.md", timeout=30).read().decode()
+    assert page.startswith("# GFCG Guider")
+
+
+def test_pyproject_has_registry_metadata():
+    tomllib = pytest.importorskip("tomllib")   # Python 3.11+
+    meta = tomllib.loads((REPO / "pyproject.toml").read_text())
+    comfy = meta["tool"]["comfy"]
+    assert comfy["PublisherId"] and comfy["DisplayName"]
+    assert meta["project"]["name"] and meta["project"]["version"] and meta["project"]["description"]
