@@ -14,6 +14,9 @@ GUIDE = {  # a line on where each node sits in a graph
 }
 
 
+FILE_EXTENSIONS = (".safetensors", ".sft", ".pt", ".pth", ".pkl", ".bin", ".ckpt", ".txt")
+
+
 def _value(v) -> str:
     s = repr(v) if isinstance(v, str) else str(v)
     return s if len(s) <= 40 else s[:37] + "..."
@@ -23,13 +26,17 @@ def _input_row(name: str, spec, optional: bool) -> str:
     typ, opts = spec[0], (spec[1] if len(spec) > 1 else {}) or {}
     if isinstance(typ, list) or typ == "COMBO":
         choices = typ if isinstance(typ, list) else opts.get("options", [])
-        kind = "choice" if len(choices) <= 8 else f"choice of {len(choices)}"
-        allowed = ", ".join(f"`{c}`" for c in choices) if len(choices) <= 8 else "the files / names ComfyUI lists"
+        if not choices or "(none)" in choices or any(str(c).lower().endswith(FILE_EXTENSIONS) for c in choices):
+            kind, allowed = "file", "a file from the folder named in the tooltip"   # varies per install
+        elif len(choices) <= 8:
+            kind, allowed = "choice", ", ".join(f"`{c}`" for c in choices)
+        else:
+            kind, allowed = f"choice of {len(choices)}", "searchable list in the editor"
     else:
         kind = typ
         rng = [f"{k} {opts[k]}" for k in ("min", "max") if k in opts]
         allowed = ", ".join(rng)
-    default = f"`{_value(opts['default'])}`" if "default" in opts else ""
+    default = f"`{_value(opts['default'])}`" if "default" in opts and kind != "file" else ""
     tip = (opts.get("tooltip") or "").replace("|", "\\|").replace("\n", " ")
     return f"| `{name}`{' (optional)' if optional else ''} | {kind} | {default} | {allowed} | {tip} |"
 

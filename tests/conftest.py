@@ -94,7 +94,10 @@ def server(tmp_path_factory):
     (edm2_dir / "edm2-img64-tiny.pkl").write_bytes(H.nvlabs_pickle_bytes(tiny, H.random_state_dict(tiny), base / "SENTINEL", "rgb"))
     (edm2_dir / "edm2-evil.pkl").write_bytes(b"cos\nsystem\n(S'touch " + str(base / "SENTINEL").encode() + b"'\ntR.")
     cfg = base / "extra_model_paths.yaml"
-    cfg.write_text(f"gfcg_test:\n  base_path: {base}\n  custom_nodes: custom_nodes\n  edm2: models/edm2\n")
+    for sub in ("vae", "checkpoints", "gfcg_classifiers"):
+        (base / "models" / sub).mkdir(parents=True)
+    cfg.write_text(f"gfcg_test:\n  base_path: {base}\n  custom_nodes: custom_nodes\n  edm2: models/edm2\n"
+                   f"  vae: models/vae\n  checkpoints: models/checkpoints\n  gfcg_classifiers: models/gfcg_classifiers\n")
     port = _free_port()
     log = open(base / "server.log", "w")
     cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),

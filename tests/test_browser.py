@@ -21,7 +21,7 @@ def browser_env(server):
         pytest.skip("no chromium on this machine (Debian: apt-get install chromium)")
     pytest.importorskip("aiohttp")
     try:
-        import comfyui_frontend_package  # noqa: F401
+        import comfyui_frontend_package  # noqa: F401  (ComfyUI serves the editor from it)
     except ImportError:
         pytest.skip("comfyui-frontend-package is not installed (ComfyUI's requirements.txt)")
     return server
