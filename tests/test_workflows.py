@@ -9,11 +9,12 @@ import urllib.request
 import pytest
 
 from conftest import REPO
-from workflow_format import api_to_ui, strip_meta, ui_to_api
+from workflow_format import api_to_ui, check_against_schemas, schema_snapshot, strip_meta, ui_to_api
 
 pytestmark = pytest.mark.comfy
 API_DIR = REPO / "workflows" / "api"
 NAMES = sorted(p.stem for p in API_DIR.glob("*.json"))
+SNAPSHOT = REPO / "tests" / "data" / "workflow_schemas.json"
 
 # the model files the workflows name, by ComfyUI folder (see docs/model_files.md)
 FILES = {"checkpoints": ["v1-5-pruned-emaonly.safetensors"],
@@ -70,3 +71,18 @@ def test_comfyui_validates_the_workflow(env, placeholder_files, name):
 def test_every_api_workflow_has_an_editor_form_and_nothing_else():
     assert NAMES == sorted(p.stem for p in (REPO / "workflows").glob("*.json"))
     assert len(NAMES) == 5
+
+
+def test_schema_snapshot_is_current_and_accepts_the_workflows(server):
+    """The committed snapshot (used by test_workflows_offline.py where ComfyUI is absent) equals
+    what this ComfyUI serves; GFCG_WRITE_WORKFLOWS=1 rewrites it."""
+    url, _, _ = server
+    info = json.load(urllib.request.urlopen(url + "/object_info", timeout=60))
+    apis = [json.loads((API_DIR / f"{n}.json").read_text()) for n in NAMES]
+    snap = schema_snapshot(apis, info)
+    if os.environ.get("GFCG_WRITE_WORKFLOWS"):
+        SNAPSHOT.parent.mkdir(exist_ok=True)
+        SNAPSHOT.write_text(json.dumps(snap, indent=1, sort_keys=True) + "\n")
+    assert json.loads(SNAPSHOT.read_text()) == json.loads(json.dumps(snap)), "stale: rerun with GFCG_WRITE_WORKFLOWS=1"
+    for api in apis:
+        assert check_against_schemas(strip_meta(api), snap) == []

@@ -101,3 +101,85 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
 
 def strip_meta(api: dict) -> dict:
     return {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# A committed snapshot of the node schemas the workflows use, for checks without ComfyUI
+
+FILE_EXTENSIONS = (".safetensors", ".sft", ".pt", ".pth", ".pkl", ".bin", ".ckpt", ".txt")
+
+
+def _is_file_combo(options) -> bool:
+    """A combo listing model files (empty where the folder is empty)."""
+    return not options or any(str(o).lower().endswith(FILE_EXTENSIONS) or o in ("(none)", "pixel_space") for o in options)
+
+
+def schema_snapshot(api_workflows, object_info: dict) -> dict:
+    """The /object_info entries of every node type the workflows use, minus what depends on the
+    install: combos that list files keep no options (marked ``"files": true``)."""
+    types = sorted({n["class_type"] for wf in api_workflows for n in wf.values()})
+    snap = {}
+    for t in types:
+        info = object_info[t]
+        entry = {"input": {}, "input_order": info.get("input_order"), "output": info["output"]}
+        for group, specs in info["input"].items():
+            entry["input"][group] = {}
+            for name, spec in specs.items():
+                typ, opts = spec[0], dict(spec[1]) if len(spec) > 1 and isinstance(spec[1], dict) else {}
+                keep = {k: opts[k] for k in ("default", "min", "max", "control_after_generate", "multiline") if k in opts}
+                if isinstance(typ, list) or typ == "COMBO":
+                    options = typ if isinstance(typ, list) else opts.get("options", [])
+                    if _is_file_combo(options):
+                        keep["files"] = True
+                        options = []
+                    entry["input"][group][name] = ["COMBO", dict(keep, options=list(options))]
+                else:
+                    entry["input"][group][name] = [typ, keep]
+        snap[t] = entry
+    return snap
+
+
+def check_against_schemas(api: dict, snap: dict) -> list:
+    """Problems of an API workflow against a schema snapshot: unknown node types or inputs,
+    missing required inputs, links between mismatched types, widget values out of range or not
+    among a combo's options (file combos: any file name with a model extension)."""
+    problems = []
+    for nid, node in api.items():
+        t = node["class_type"]
+        if t not in snap:
+            problems.append(f"{nid}: unknown node type {t!r}")
+            continue
+        specs = {**snap[t]["input"].get("required", {}), **snap[t]["input"].get("optional", {})}
+        for name in snap[t]["input"].get("required", {}):
+            if name not in node["inputs"]:
+                problems.append(f"{nid} {t}: required input {name!r} missing")
+        for name, value in node["inputs"].items():
+            if name not in specs:
+                problems.append(f"{nid} {t}: unknown input {name!r}")
+                continue
+            typ, opts = specs[name]
+            if isinstance(value, list):
+                src = api.get(value[0])
+                if src is None:
+                    problems.append(f"{nid} {t}.{name}: link to missing node {value[0]}")
+                    continue
+                out = snap[src["class_type"]]["output"]
+                got = out[value[1]] if value[1] < len(out) else None
+                if got != typ and "*" not in (got, typ):
+                    problems.append(f"{nid} {t}.{name}: a {got} link into a {typ} input")
+            elif typ == "COMBO":
+                if opts.get("files"):
+                    if not (str(value).lower().endswith(FILE_EXTENSIONS) or value == "pixel_space"):
+                        problems.append(f"{nid} {t}.{name}: {value!r} is not a model file name")
+                elif value not in opts["options"]:
+                    problems.append(f"{nid} {t}.{name}: {value!r} not among {opts['options'][:6]}")
+            elif typ in ("INT", "FLOAT"):
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and \
+                    (typ == "FLOAT" or float(value).is_integer())
+                if not ok or value < opts.get("min", -float("inf")) or value > opts.get("max", float("inf")):
+                    problems.append(f"{nid} {t}.{name}: {value!r} is not a {typ} in [{opts.get('min')}, {opts.get('max')}]")
+            elif typ == "STRING" and not isinstance(value, str):
+                problems.append(f"{nid} {t}.{name}: {value!r} is not a string")
+            elif typ == "BOOLEAN" and not isinstance(value, bool):
+                problems.append(f"{nid} {t}.{name}: {value!r} is not a boolean")
+    return problems
