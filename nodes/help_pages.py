@@ -31,7 +31,7 @@ def _input_row(name: str, spec, optional: bool) -> str:
         elif len(choices) <= 8:
             kind, allowed = "choice", ", ".join(f"`{c}`" for c in choices)
         else:
-            kind, allowed = f"choice of {len(choices)}", "searchable list in the editor"
+            kind, allowed = "choice", "a searchable list in the editor"
     else:
         kind = typ
         rng = [f"{k} {opts[k]}" for k in ("min", "max") if k in opts]
