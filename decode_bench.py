@@ -155,7 +155,7 @@ def run(n: int = 8, reps: int = 3, vae_path=None, taesd_path=None, classifier_pa
         dec = PixelDecoder(vae, method, res)
         one = lat[:1]
         decode_s = _time(lambda: dec(model, one), reps)
-        dec.prepare_gradients(one.device)   # what the gradient guider does per run
+        dec.prepare_gradients()   # what the gradient guider does per run
         grad_s = _time(lambda: guidance_gradient(lambda z: smooth(dec(model, z)), one, torch.tensor([207]), 1.0, 0.0),
                        reps)
         dec.release()

@@ -51,7 +51,7 @@ class ClassifierGuidanceGuider(comfy.samplers.CFGGuider):
     def inner_sample(self, noise, latent_image, device, sampler, sigmas, denoise_mask, callback, disable_pbar, seed):
         # the models are loaded on their device by now: grad-capable copies live there for this run
         self._grad_classifier, _ = softplus_copy(self.classifier.classifier, self.config.softplus_beta)
-        self.decoder.prepare_gradients(device)
+        self.decoder.prepare_gradients()
         self.engine.begin(sigmas)
         self._reported = 0
         try:

@@ -216,7 +216,8 @@ class PixelDecoder:
         vae = self.vae
         return vae is None or getattr(vae, "latent_channels", None) == 3 and getattr(vae, "downscale_ratio", 8) == 1
 
-    def prepare_gradients(self, device) -> None:
+    def prepare_gradients(self) -> None:
+        """Make the VAE decoder differentiable: a copy on the device ComfyUI loaded the VAE to."""
         if self.method == "vae" and self.vae is not None and self._grad_vae is None:
             self._grad_vae = _decoder_only_copy(self.vae.first_stage_model)
 
