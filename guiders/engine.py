@@ -17,8 +17,9 @@ atg additive       D1[B] + D_ref[R]                 G(c_des)[B]
 atg swap           D1[B]                            G(c_des)[C] + G(c_ref)[R]
 =================  ===============================  =======================
 
-On a step where the classifier must look at the *current* D1, the main model runs twice (D1 and
-the negative first, then the reference rows once the decision is known); with
+On a step where the classifier must look at the *current* D1, the main model runs twice: D1 (and,
+additive, the negative) first, then the rows that depend on the decision (the reference rows;
+swap: also the negative of the confident rows, so swap never evaluates more rows than CFG); with
 ``classify_input = "previous"`` it classifies the previous evaluation's guided estimate and every
 evaluation is one forward per model.
 """
@@ -148,13 +149,15 @@ class GFCGEngine:
         use_neg = self.combine == "cfg" and not (self.skip_unit_negative and self.scale == 1.0)
 
         # --- main model, first (and usually only) forward
+        swap = self.mode == "swap"
         requests = [Branch("positive")]
-        if use_neg:
-            if self.mode == "swap" and decision is not None and decision.any_confused:
-                requests.append(Branch("negative", rows=(~decision.confused).nonzero().squeeze(1)))
-            else:
-                requests.append(Branch("negative"))
-        wants_ref = not (self.combine == "atg" and self.mode == "swap")
+        if use_neg and decision is not None:
+            requests += self._negative_branches(decision, swap)
+        elif use_neg and not swap:
+            requests.append(Branch("negative"))
+        # (swap with the decision pending: the negative waits for it, so that confused rows never
+        # evaluate a negative they will not use; NFE stays that of CFG)
+        wants_ref = not (self.combine == "atg" and swap)
         if wants_ref and decision is not None and decision.any_confused:
             requests.append(self._reference_branch(decision))
         outs = evaluate_main(requests)
@@ -163,8 +166,11 @@ class GFCGEngine:
 
         if must:  # paper order: D1 -> classify -> D_ref
             decision = self._decide(step, float(sigma), classify(d1))
+            late = self._negative_branches(decision, swap) if use_neg and swap else []
             if wants_ref and decision.any_confused:
-                got["reference"] = evaluate_main([self._reference_branch(decision)])[0]
+                late.append(self._reference_branch(decision))
+            if late:
+                got.update((r.cond, o) for r, o in zip(late, evaluate_main(late)))
         if decision is None:
             decision = core.Decision.neutral(b, device=x.device)
 
@@ -187,6 +193,15 @@ class GFCGEngine:
         result = self._combine(d1, got, guide, decision, pre_cfg)
         self._previous = result.denoised
         return result
+
+    @staticmethod
+    def _negative_branches(decision: core.Decision, swap: bool) -> List[Branch]:
+        """The CFG negative: on every row, or in swap mode on the confident rows only (none when
+        every row is confused: their reference takes the negative's place)."""
+        if not (swap and decision.any_confused):
+            return [Branch("negative")]
+        rest = (~decision.confused).nonzero().squeeze(1)
+        return [Branch("negative", rows=rest)] if rest.numel() else []
 
     def _reference_branch(self, decision: core.Decision) -> Branch:
         rows = decision.confused.nonzero().squeeze(1)
@@ -212,7 +227,7 @@ class GFCGEngine:
 
         if self.combine == "cfg":
             neg = got.get("negative")
-            if neg is None:                      # cfg == 1: the negative branch was skipped
+            if neg is None:                      # cfg == 1 (skipped), or swap with every row confused
                 base_uncond = d1
             elif neg.shape[0] == d1.shape[0]:
                 base_uncond = neg

@@ -166,6 +166,7 @@ def row_classifier():
     ("none", None, "previous", [[4 + 2]]),
     ("cfg", "additive", "current", [[8, 2]]),
     ("cfg", "additive", "previous", [[8 + 2]]),
+    ("cfg", "swap", "current", [[4, 2 + 2]]),       # the negative waits for the decision: 8 rows, as CFG
     ("cfg", "swap", "previous", [[4 + 2 + 2]]),
     ("autoguidance", "swap", "previous", [[4]]),
     ("autoguidance", "additive", "previous", [[4 + 2]]),

@@ -215,6 +215,20 @@ def test_engine_cfg_additive_and_swap():
     assert res.denoised[1, 0, 0, 0].item() == pytest.approx(1 + 2 * 0.5)
 
 
+def test_engine_cfg_swap_evaluates_no_more_rows_than_cfg():
+    """Swap on a classifier step: D1 first; after the decision, the negative of the confident row
+    and the references of the two confused rows in one forward: 2B rows, as CFG."""
+    res, toy, _, _ = run_engine("cfg", "swap", 0.5, LOGITS, scale=3.0)
+    assert toy.calls == [[("positive", None)], [("negative", [1]), ("reference", [0, 2])]]
+    assert sum(len(r) if r is not None else 3 for call in toy.calls for _, r in call) == 2 * 3
+    # every row confused: no negative at all
+    all_conf = torch.log(probs_of([[0.1, 0.7, 0.2]] * 3))
+    res2, toy2, _, _ = run_engine("cfg", "swap", 0.5, all_conf, scale=3.0)
+    assert toy2.calls == [[("positive", None)], [("reference", [0, 1, 2])]]
+    om = 1 + 2 * (1 - 0.1 / 0.5)
+    assert torch.allclose(res2.denoised[:, 0, 0, 0], torch.full((3,), 0.1 + (3.0 + om - 1) * 0.9))
+
+
 def test_engine_atg_swap_uses_guide_with_reference_no_extra_main_branch():
     res, toy, guide, _ = run_engine("atg", "swap", 0.5, LOGITS, scale=2.0)
     assert toy.calls == [[("positive", None)]]             # main model: D1 only
