@@ -1,8 +1,8 @@
 """Zero-shot image classifiers from open_clip checkpoints on disk (framework-free).
 
 An open_clip architecture (a name from ``open_clip.list_models()``) plus a local checkpoint
-(.safetensors, or a weights-only .pt/.pth/.bin, loaded by open_clip's own ``load_checkpoint`` with
-``weights_only=True``), a class list and prompt templates become an :class:`ImageClassifier`:
+(.safetensors, or a weights-only .pt/.pth/.bin: checked with ``torch.load(weights_only=True)``, then
+loaded by open_clip's own ``load_checkpoint``), a class list and prompt templates become an :class:`ImageClassifier`:
 the head is open_clip's ``build_zero_shot_classifier`` (its tokenizer, template averaging and
 normalisation), the logits are ``exp(logit_scale) * normalize(encode_image(x)) @ head (+ bias)``,
 exactly the model's own image-text logits. The text tower is dropped after the head is built.
@@ -112,6 +112,21 @@ def _data_config(model) -> DataConfig:
                       mean=tuple(cfg.mean), std=tuple(cfg.std))
 
 
+def _check_weights_only(path: str) -> None:
+    """Refuse a .pt/.pth/.bin that ``torch.load(weights_only=True)`` cannot read, before open_clip
+    sees it: open_clip's ``load_checkpoint`` retries a failed weights-only load with a bare
+    ``torch.load``, which unpickles without restriction on torch < 2.6 or under
+    ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1``. Zip files are memory-mapped, so the tensors are not read."""
+    if path.lower().endswith(".safetensors"):
+        return
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+        torch.load(path, map_location="cpu", weights_only=True)   # legacy (non-zip) format
+
+
 def load_zero_shot_classifier(path: str, architecture: str, class_names: Sequence[str],
                               templates: Sequence[str], prompt_names: Sequence[str] = None,
                               name: str = "") -> ImageClassifier:
@@ -139,6 +154,7 @@ def load_zero_shot_classifier(path: str, architecture: str, class_names: Sequenc
         _CACHE.move_to_end(key)
         return _CACHE[key]
     try:
+        _check_weights_only(path)
         model = open_clip.create_model(architecture, pretrained=None)
         open_clip.load_checkpoint(model, path, strict=True, weights_only=True)
     except GFCGInputError:
