@@ -25,6 +25,8 @@ from .vocab import imagenet_class_names
 CLIP_EXTENSIONS = (".safetensors", ".pt", ".pth", ".bin")
 TEMPLATE_SETS = ("openai imagenet (80)", "simple imagenet (18)", "a photo of a {}.", "custom")
 CLASS_SOURCES = ("imagenet-1k", "list", "file")
+MAX_TEMPLATES = 1000
+MAX_TEMPLATE_CHARS = 300
 _CACHE: "OrderedDict[tuple, ImageClassifier]" = OrderedDict()
 _CACHE_SIZE = 4
 
@@ -45,6 +47,13 @@ def templates_for(choice: str, custom: str = "") -> Tuple[str, ...]:
     lines = tuple(t.strip() for t in (custom or "").splitlines() if t.strip())
     if not lines:
         raise GFCGInputError("custom_templates: give one template per line, e.g. 'a photo of a {}.'")
+    if len(lines) > MAX_TEMPLATES:
+        raise GFCGInputError(f"custom_templates: {len(lines)} templates is too many (at most {MAX_TEMPLATES}; "
+                             "open_clip's largest set has 80)")
+    long = [t for t in lines if len(t) > MAX_TEMPLATE_CHARS]
+    if long:
+        raise GFCGInputError(f"custom_templates: a template of {len(long[0])} characters is too long (at most "
+                             f"{MAX_TEMPLATE_CHARS}; CLIP text towers read about 77 tokens): {long[0][:40]!r}...")
     bad = [t for t in lines if "{}" not in t]
     if bad:
         raise GFCGInputError(f"custom_templates: every template needs '{{}}' for the class name; {bad[0]!r} has none")
@@ -127,6 +136,21 @@ def _check_weights_only(path: str) -> None:
         torch.load(path, map_location="cpu", weights_only=True)   # legacy (non-zip) format
 
 
+def _check_prompt_lengths(tokenizer, architecture: str, prompts: Sequence[str], templates: Sequence[str]) -> None:
+    """Every prompt must fit the text tower's context: open_clip's tokenizer cuts longer ones, which
+    could cut the class name off and give several classes the same text."""
+    encode, ctx = getattr(tokenizer, "encode", None), getattr(tokenizer, "context_length", None)
+    if encode is None or not ctx:
+        return
+    longest = max(prompts, key=len)
+    for t in templates:                                  # open_clip's sets are functions of the class name
+        text = t(longest) if callable(t) else t.replace("{}", longest)
+        n = len(encode(text)) + 2                          # + start and end tokens
+        if n > ctx:
+            raise GFCGInputError(f"custom_templates: {text[:60]!r}... is {n} tokens; the text tower of {architecture} "
+                                 f"reads {ctx}, so the class name could be cut off")
+
+
 def load_zero_shot_classifier(path: str, architecture: str, class_names: Sequence[str],
                               templates: Sequence[str], prompt_names: Sequence[str] = None,
                               name: str = "") -> ImageClassifier:
@@ -168,6 +192,7 @@ def load_zero_shot_classifier(path: str, architecture: str, class_names: Sequenc
     except Exception as e:   # e.g. a Hugging Face tokenizer that is not on this machine
         raise GFCGInputError(f"architecture: the tokenizer of {architecture!r} is not available offline "
                              f"({str(e).splitlines()[0][:200]})") from None
+    _check_prompt_lengths(tokenizer, architecture, prompts, templates)
     with torch.no_grad():
         head = open_clip.build_zero_shot_classifier(model, tokenizer, prompts, list(templates),
                                                     num_classes_per_batch=10, device="cpu", use_tqdm=False)

@@ -177,8 +177,9 @@ class EDM2Model(comfy.model_base.BaseModel):
         if labels is None:
             labels = torch.zeros(1, self.label_dim)
         elif labels.ndim != 2 or labels.shape[1] != self.label_dim:
-            raise ValueError(f"class_labels of shape {tuple(labels.shape)} do not fit EDM2 model "
-                             f"'{self.edm2_source}', which takes [k, {self.label_dim}] one-hot rows")
+            raise ValueError(f"class_labels: the conditioning's class label has {labels.shape[-1]} entries but EDM2 "
+                             f"model '{os.path.basename(str(self.edm2_source))}' takes {self.label_dim} classes; set "
+                             f"num_classes = {self.label_dim} on EDM2 Class Label")
         return {"y": comfy.conds.CONDRegular(labels.float())}
 
 

@@ -399,8 +399,21 @@ class EDM2(torch.nn.Module):
         labels = labels.to(device=device, dtype=torch.float32).reshape(-1, self.label_dim)
         return labels.expand(n, -1) if labels.shape[0] == 1 else labels
 
+    def check_input(self, x: torch.Tensor) -> None:
+        """A clear error for inputs the U-Net cannot take: another channel count (the other EDM2
+        family) or sides that do not survive its 2x downsamplings."""
+        c, f = self.config.img_channels, 2 ** (len(self.config.channel_mult) - 1)
+        kind = {4: "img512: 4-channel SD-VAE latents", 3: "img64: 3-channel pixels"}.get(c, f"{c} channels")
+        if x.ndim != 4 or x.shape[1] != c:
+            raise ValueError(f"latent_image: this EDM2 network takes [B, {c}, H, W] inputs ({kind}) but got "
+                             f"{tuple(x.shape)}; use EDM2 Empty Latent with the network's family")
+        if x.shape[2] % f or x.shape[3] % f:
+            raise ValueError(f"latent_image: sides {x.shape[2]}x{x.shape[3]} are not multiples of {f}; this EDM2 "
+                             f"network halves the resolution {len(self.config.channel_mult) - 1} times")
+
     def raw(self, x_in: torch.Tensor, c_noise: torch.Tensor, labels=None) -> torch.Tensor:
         """F(x_in, c_noise, labels) in float32, the trunk in ``self.dtype``."""
+        self.check_input(x_in)
         y = self.labels_for(labels, x_in.shape[0], x_in.device)
         return self.unet(x_in.to(self.dtype), c_noise.to(torch.float32).reshape(-1), y).to(torch.float32)
 

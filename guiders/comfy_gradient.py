@@ -16,7 +16,7 @@ import torch
 
 import comfy.samplers
 
-from .comfy_guider import PixelDecoder, post_cfg_hooks, pre_cfg_hooks, report_trace
+from .comfy_guider import PixelDecoder, check_finite_latent, check_vae, post_cfg_hooks, pre_cfg_hooks, report_trace
 from .config import GFCGInputError
 from .gradient import CGConfig, CGEngine, softplus_copy
 
@@ -31,6 +31,7 @@ class ClassifierGuidanceGuider(comfy.samplers.CFGGuider):
             raise GFCGInputError(f"desired_class: index {config.desired_class} is out of range for {num} classes")
         if cfg != 1.0 and negative is None:
             raise GFCGInputError("negative: cfg != 1 needs the negative conditioning (or set cfg to 1)")
+        check_vae(model_patcher.model, vae)
         mp = model_patcher.clone()
         extra = [classifier.patcher]
         if vae is not None and getattr(vae, "patcher", None) is not None and decode == "vae":
@@ -49,6 +50,7 @@ class ClassifierGuidanceGuider(comfy.samplers.CFGGuider):
         self.cfg = float(cfg)
 
     def inner_sample(self, noise, latent_image, device, sampler, sigmas, denoise_mask, callback, disable_pbar, seed):
+        check_finite_latent(latent_image)
         # the models are loaded on their device by now: grad-capable copies live there for this run
         self._grad_classifier, _ = softplus_copy(self.classifier.classifier, self.config.softplus_beta)
         self.decoder.prepare_gradients()

@@ -272,6 +272,51 @@ class PixelDecoder:
         return straight_through_clamp(img if zero_one else (img + 1.0) / 2.0)   # EDM2 reads it as [0, 1]
 
 
+def check_vae(model, vae) -> None:
+    """Before sampling: a clear error when the VAE does not fit the model (``model``: a ComfyUI
+    BaseModel). Pixel-space models (3-channel "latents") take no VAE or the pixel_space one."""
+    c = int(model.latent_format.latent_channels)
+    vc = getattr(vae, "latent_channels", None)
+    pixel_vae = vae is not None and vc == 3 and getattr(vae, "downscale_ratio", 8) == 1
+    if c == 3:
+        if vae is not None and not pixel_vae:
+            raise GFCGInputError(f"vae: the model works in pixel space (3 channels) but this VAE makes {vc}-channel "
+                                 "latents; leave vae empty for pixel-space models (or use the pixel_space VAE)")
+        return
+    if vae is None:
+        raise GFCGInputError(f"vae: the model makes {c}-channel latents; connect its VAE so that the classifier "
+                             "can see pixels")
+    if pixel_vae:
+        raise GFCGInputError(f"vae: the pixel_space VAE cannot decode the model's {c}-channel latents; connect the "
+                             "VAE that belongs to the model")
+    if vc != c:
+        raise GFCGInputError(f"vae: this VAE decodes {vc}-channel latents but the model makes {c}-channel ones; "
+                             "connect the VAE that belongs to the model")
+
+
+def check_guide_model(model, guide) -> None:
+    """Autoguidance needs a guide in the main model's latent space and, for class-label models,
+    with the same classes (an unconditional guide, without labels, is fine)."""
+    a, b = model.latent_format, guide.latent_format
+    if type(a) is not type(b) or a.latent_channels != b.latent_channels:
+        raise GFCGInputError(f"guide_model: it works on {b.latent_channels}-channel {type(b).__name__} latents, the "
+                             f"main model on {a.latent_channels}-channel {type(a).__name__} ones; autoguidance needs "
+                             "a guide of the same family and latent space")
+    la, lb = getattr(model, "label_dim", None), getattr(guide, "label_dim", None)
+    if la and lb and la != lb:
+        raise GFCGInputError(f"guide_model: it takes {lb} class labels, the main model {la}; autoguidance needs a "
+                             "guide trained on the same classes")
+
+
+def check_finite_latent(latent_image: torch.Tensor) -> None:
+    """A clear error for NaN / Inf in the input latent (sampling would only return NaN images)."""
+    if latent_image is not None and not bool(torch.isfinite(latent_image).all()):
+        bad = int((~torch.isfinite(latent_image)).sum())
+        raise ValueError(f"latent_image: the input latent holds {bad} NaN or infinite values (of "
+                         f"{latent_image.numel()}); sampling would give NaN images. Check the node that made it "
+                         "(e.g. a Load Latent file)")
+
+
 def make_reference(positive, class_names, clip=None, prompt_template: str = "a photo of a {}"):
     """Reference conditioning source: text through ``clip`` when given, else the class label
     carried by ``positive`` (class-label models)."""
@@ -349,6 +394,7 @@ class GFCGGuider(comfy.samplers.CFGGuider):
         self.recipe = dict(model_patcher=model_patcher, config=config, classifier=classifier, positive=positive,
                            vae=vae, clip=clip, prompt_template=prompt_template, decode=decode,
                            decode_resolution=decode_resolution)
+        check_vae(model_patcher.model, vae)
         mp = model_patcher.clone()
         extra = [classifier.patcher]
         if vae is not None and getattr(vae, "patcher", None) is not None and decode == "vae":
@@ -357,6 +403,7 @@ class GFCGGuider(comfy.samplers.CFGGuider):
             if guide_patcher.is_clone(model_patcher):
                 raise GFCGInputError("guide_model: it is the same network as the main model; autoguidance needs a "
                                      "separate, weaker model (e.g. EDM2 xs for s)")
+            check_guide_model(model_patcher.model, guide_patcher.model)
             extra.append(guide_patcher)
         mp.set_additional_models("gfcg", extra)
         super().__init__(mp)
@@ -397,6 +444,7 @@ class GFCGGuider(comfy.samplers.CFGGuider):
 
     # -- sampling
     def inner_sample(self, noise, latent_image, device, sampler, sigmas, denoise_mask, callback, disable_pbar, seed):
+        check_finite_latent(latent_image)
         latent = latent_image
         if latent is not None and torch.count_nonzero(latent) > 0:
             latent = self.inner_model.process_latent_in(latent)

@@ -86,9 +86,9 @@ class GFCGEngine:
 
     def __post_init__(self):
         if self.combine not in COMBINES:
-            raise ValueError(f"combine must be one of {COMBINES}, got {self.combine!r}")
+            raise ValueError(f"combine: {self.combine!r} is not one of {list(COMBINES)}")
         if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+            raise ValueError(f"mode: {self.mode!r} is not one of {list(MODES)}")
         c = self.config
         self.schedule = GFCGSchedule(c.window_start, c.window_end, c.period)
 

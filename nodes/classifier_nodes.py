@@ -71,7 +71,8 @@ class LoadImageClassifier(io.ComfyNode):
         try:
             clf = load_timm_classifier(path, architecture or "", name=os.path.basename(path))
         except GFCGInputError as e:
-            raise ValueError(str(e)) from None
+            msg = str(e)
+            raise ValueError(msg if msg.startswith("architecture:") else f"classifier_name: {msg}") from None
         return io.NodeOutput(ComfyClassifier(clf))
 
 

@@ -98,6 +98,8 @@ def gfcg_optional_inputs():
 def gfcg_config(names, desired_class, tau, alpha, beta, window_start, window_end, period, reference,
                 fixed_reference_class="", classify_input="current", temperature=1.0) -> GFCGConfig:
     """The GFCGConfig of a node's inputs (class names resolved in the classifier's vocabulary)."""
+    if reference not in REFERENCE_CHOICES:
+        raise ValueError(f"reference: {reference!r} is not one of {REFERENCE_CHOICES}")
     desired = _user_error(resolve_class, desired_class, names, "desired_class")
     fixed = None
     if reference == "fixed":

@@ -94,15 +94,17 @@ def server(tmp_path_factory):
     (edm2_dir / "edm2-img64-tiny.pkl").write_bytes(H.nvlabs_pickle_bytes(tiny, H.random_state_dict(tiny), base / "SENTINEL", "rgb"))
     (edm2_dir / "edm2-evil.pkl").write_bytes(b"cos\nsystem\n(S'touch " + str(base / "SENTINEL").encode() + b"'\ntR.")
     cfg = base / "extra_model_paths.yaml"
-    for sub in ("vae", "checkpoints", "gfcg_classifiers"):
+    for sub in ("vae", "checkpoints", "gfcg_classifiers", "gfcg_clip", "vae_approx"):
         (base / "models" / sub).mkdir(parents=True)
+    (base / "in").mkdir()
     cfg.write_text(f"gfcg_test:\n  base_path: {base}\n  custom_nodes: custom_nodes\n  edm2: models/edm2\n"
-                   f"  vae: models/vae\n  checkpoints: models/checkpoints\n  gfcg_classifiers: models/gfcg_classifiers\n")
+                   f"  vae: models/vae\n  checkpoints: models/checkpoints\n  gfcg_classifiers: models/gfcg_classifiers\n"
+                   f"  gfcg_clip: models/gfcg_clip\n  vae_approx: models/vae_approx\n")
     port = _free_port()
     log = open(base / "server.log", "w")
     cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
            "--extra-model-paths-config", str(cfg), "--output-directory", str(base / "out"),
-           "--temp-directory", str(base / "tmp"), "--user-directory", str(base / "user"),
+           "--temp-directory", str(base / "tmp"), "--input-directory", str(base / "in"), "--user-directory", str(base / "user"),
            "--database-url", "sqlite:///:memory:", "--disable-api-nodes", "--dont-print-server"]
     env = dict(os.environ, PYTHONPATH="")
     proc = subprocess.Popen(cmd, cwd=COMFYUI, stdout=log, stderr=subprocess.STDOUT, env=env)

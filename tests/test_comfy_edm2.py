@@ -244,7 +244,7 @@ def test_unconditional_model_ignores_labels_and_label_width_is_checked(env):
     assert unc.extra_conds(class_labels=torch.zeros(1, 1000)) == {}
     cond = load(env, "edm2-img512-tiny").model
     assert tuple(cond.extra_conds()["y"].cond.shape) == (1, 1000)  # zero label when none is given
-    with pytest.raises(ValueError, match=r"class_labels of shape \(1, 10\) do not fit EDM2 model"):
+    with pytest.raises(ValueError, match=r"class label has 10 entries but EDM2 model .* takes 1000 classes; set num_classes = 1000"):
         cond.extra_conds(class_labels=torch.zeros(1, 10))
 
 

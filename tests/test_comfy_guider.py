@@ -355,8 +355,9 @@ def test_latent_model_without_vae_is_a_clear_error(env):
 def test_pixel_model_with_latent_vae_is_a_clear_error(env):
     cm = env["cm"]
     m, _ = cm.tiny_model()
-    with pytest.raises(ValueError, match="vae: this VAE decodes 4-channel latents"):
-        sample(gfcg(env, m, cm.label_cond(3), tau=1.0, vae=cm.taesd_vae()), steps=2)
+    with pytest.raises(ValueError, match=r"vae: the model works in pixel space \(3 channels\) but this VAE makes "
+                                         "4-channel latents"):
+        gfcg(env, m, cm.label_cond(3), tau=1.0, vae=cm.taesd_vae())   # refused when the node runs
 
 
 # ------------------------------------------------------------------ model management and every sampler
