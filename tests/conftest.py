@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -144,6 +145,48 @@ def api_wait(url, prompt_id, timeout=240):
         if prompt_id in hist and hist[prompt_id].get("status", {}).get("completed") is not None:
             return hist[prompt_id]
         time.sleep(1)
+    pytest.fail("prompt did not finish")
+
+
+def testbed_api_prompt(steps=2, batch=1, seed=0, prefix="gfcg_api"):
+    """The shipped testbed workflow (API form) with fewer steps, another batch size and seed."""
+    from workflow_format import strip_meta
+
+    p = strip_meta(json.loads((REPO / "workflows" / "api" / "testbed_gfcg_atg.json").read_text()))
+    p["10"]["inputs"]["steps"] = steps
+    p["5"]["inputs"]["batch_size"] = batch
+    p["8"]["inputs"]["noise_seed"] = seed
+    p["14"]["inputs"]["filename_prefix"] = prefix
+    return p
+
+
+def validation_text(body: dict) -> str:
+    """ComfyUI's HTTP 400 answer as text: the error, then each node error with its input name."""
+    parts = [body.get("error", {}).get("message", ""), body.get("error", {}).get("details", "")]
+    for nid, ne in body.get("node_errors", {}).items():
+        for e in ne.get("errors", []):
+            parts.append(f"[{ne.get('class_type')} {nid}] {e.get('message')}: {e.get('details')} "
+                         f"(input {e.get('extra_info', {}).get('input_name')})")
+    return "\n".join(p for p in parts if p)
+
+
+def api_submit(url, prompt, timeout=240):
+    """('validation', text) | ('execution', exception message) | ('success', history entry)."""
+    try:
+        pid = api_post(url, "/prompt", {"prompt": prompt})["prompt_id"]
+    except urllib.error.HTTPError as e:
+        return "validation", validation_text(json.loads(e.read().decode()))
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        hist = json.load(urllib.request.urlopen(f"{url}/history/{pid}", timeout=30))
+        h = hist.get(pid)
+        if h and h.get("status", {}).get("completed") is not None:
+            if h["status"]["status_str"] == "success":
+                return "success", h
+            errs = [m[1] for m in h["status"]["messages"] if m[0] == "execution_error"]
+            return "execution", "\n".join(f"[{e['node_type']} {e['node_id']}] {e['exception_type']}: "
+                                           f"{e['exception_message']}" for e in errs) or json.dumps(h["status"])
+        time.sleep(0.1)
     pytest.fail("prompt did not finish")
 
 

@@ -6,21 +6,17 @@ execution (``execution_error`` in /history) with a message that names the input 
 allowed. After every case the server must still serve, and the next good prompt (the shipped
 testbed workflow at 2 steps, a new seed each time, so it really runs) must succeed.
 """
-import json
 import math
-import time
-import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
 import pytest
 
-from conftest import REPO, api_post
-from workflow_format import strip_meta
+from conftest import api_submit as submit
+from conftest import testbed_api_prompt as testbed_prompt
 
 pytestmark = pytest.mark.comfy
-TESTBED = REPO / "workflows" / "api" / "testbed_gfcg_atg.json"
 
 # node ids of the testbed workflow
 MAIN, GUIDE, CLF, LABEL, LATENT, GFCG, COMB, NOISE, SCHED, SAMPLER = "1", "2", "3", "4", "5", "6", "7", "8", "10", "11"
@@ -84,15 +80,6 @@ def matrix_server(server):
 
 
 # ------------------------------------------------------------------------------ prompts
-def testbed_prompt(steps=2, batch=1, seed=0):
-    p = strip_meta(json.loads(TESTBED.read_text()))
-    p[SCHED]["inputs"]["steps"] = steps
-    p[LATENT]["inputs"]["batch_size"] = batch
-    p[NOISE]["inputs"]["noise_seed"] = seed
-    p["14"]["inputs"]["filename_prefix"] = "mx"
-    return p
-
-
 def gfcg_alone(p):
     """The testbed prompt with the GFCG Guider straight into the sampler (no combiner)."""
     p[SAMPLER]["inputs"]["guider"] = [GFCG, 0]
@@ -286,36 +273,6 @@ CASES = [
 
 
 # ------------------------------------------------------------------------------ running a prompt
-def validation_text(body: dict) -> str:
-    """ComfyUI's HTTP 400 answer as text: the error, then each node error with its input name."""
-    parts = [body.get("error", {}).get("message", ""), body.get("error", {}).get("details", "")]
-    for nid, ne in body.get("node_errors", {}).items():
-        for e in ne.get("errors", []):
-            parts.append(f"[{ne.get('class_type')} {nid}] {e.get('message')}: {e.get('details')} "
-                         f"(input {e.get('extra_info', {}).get('input_name')})")
-    return "\n".join(p for p in parts if p)
-
-
-def submit(url, prompt, timeout=240):
-    """('validation', text) | ('execution', exception message) | ('success', history entry)."""
-    try:
-        pid = api_post(url, "/prompt", {"prompt": prompt})["prompt_id"]
-    except urllib.error.HTTPError as e:
-        return "validation", validation_text(json.loads(e.read().decode()))
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        hist = json.load(urllib.request.urlopen(f"{url}/history/{pid}", timeout=30))
-        h = hist.get(pid)
-        if h and h.get("status", {}).get("completed") is not None:
-            if h["status"]["status_str"] == "success":
-                return "success", h
-            errs = [m[1] for m in h["status"]["messages"] if m[0] == "execution_error"]
-            return "execution", "\n".join(f"[{e['node_type']} {e['node_id']}] {e['exception_type']}: "
-                                           f"{e['exception_message']}" for e in errs) or json.dumps(h["status"])
-        time.sleep(0.1)
-    pytest.fail("prompt did not finish")
-
-
 def test_matrix_is_large_enough():
     assert len(CASES) >= 30
     assert len({c.id for c in CASES}) == len(CASES)
