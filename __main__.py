@@ -62,7 +62,22 @@ def toy(args) -> int:
     return 0
 
 
+def perf(args) -> int:
+    from .testbed import perf as P
+
+    cfg = P.PerfConfig(n=args.n, reps=args.reps, seed=args.seed, settings=_settings(args),
+                       rows=args.rows or [r[0] for r in P.ROWS], memory=not args.no_memory, decode=not args.no_decode,
+                       comfyui=args.comfyui)
+    res = P.run(cfg, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    table = _write(args.out, "perf", res, P.markdown(res))
+    print(table)
+    print(f"wrote perf.json and perf.md to {args.out}")
+    return 0
+
+
 def bench(args) -> int:
+    if args.perf:
+        return perf(args)
     from .testbed.bench import benchmark, markdown_table, plot_benchmark
 
     res = benchmark(args.methods, n_per_class=args.n_per_class, settings=_settings(args), seed=args.seed)
@@ -132,6 +147,16 @@ def main(argv=None) -> int:
     b = sub.add_parser("bench", help="testbed benchmark: precision, FD, precision/recall, NFE, time per method")
     sampling_args(b, 100, os.path.join("testbed", "results"))
     b.add_argument("--methods", nargs="*", default=["none", "cfg", "atg", "gfcg", "gfcg+cfg", "gfcg+atg"])
+    b.add_argument("--perf", action="store_true", help="the cost benchmark instead: NFE, forwards per evaluation, "
+                   "wall time against CFG and ATG, peak memory, classifier-step cost per decode choice; writes "
+                   "perf.json and perf.md")
+    b.add_argument("--n", type=int, default=64, help="--perf: images per run (one batch)")
+    b.add_argument("--reps", type=int, default=5, help="--perf: timed repetitions per method (median)")
+    b.add_argument("--rows", nargs="*", default=None, help="--perf: rows to run (default: all)")
+    b.add_argument("--no-memory", action="store_true", help="--perf: skip the peak-memory runs")
+    b.add_argument("--no-decode", action="store_true", help="--perf: skip the decode choices of a latent model")
+    b.add_argument("--comfyui", default=None, help="--perf: ComfyUI checkout for the decode choices (default: "
+                   "COMFYUI_PATH or ../ComfyUI; skipped when none is found)")
     w = sub.add_parser("sweep", help="testbed sweep of the GFCG settings (sets the node defaults)")
     sampling_args(w, 20, os.path.join("testbed", "results"), seed=1000)
     w.add_argument("--only", nargs="*", default=None, help="row names to run (default: all)")

@@ -121,7 +121,8 @@ def _time(fn, reps: int) -> float:
 
 @torch.no_grad()
 def run(n: int = 8, reps: int = 3, vae_path=None, taesd_path=None, classifier_path=None, comfyui=None,
-        seed: int = 0) -> dict:
+        seed: int = 0, agreement: bool = True, gradient: bool = True) -> dict:
+    """The table's rows; ``agreement`` / ``gradient`` False leave those columns out (None)."""
     import tempfile
 
     where = _import_comfyui(comfyui)
@@ -149,24 +150,28 @@ def run(n: int = 8, reps: int = 3, vae_path=None, taesd_path=None, classifier_pa
 
     smooth, _ = softplus_copy(clf, 5.0)
     full = PixelDecoder(vae, "vae", 1.0)
-    ref_p = torch.cat([torch.softmax(clf(full(model, lat[i:i + 1])), 1) for i in range(n)])
+    ref_p = torch.cat([torch.softmax(clf(full(model, lat[i:i + 1])), 1) for i in range(n)]) if agreement else None
     rows = []
     for method, res in ROWS:
         dec = PixelDecoder(vae, method, res)
         one = lat[:1]
         decode_s = _time(lambda: dec(model, one), reps)
-        dec.prepare_gradients()   # what the gradient guider does per run
-        grad_s = _time(lambda: guidance_gradient(lambda z: smooth(dec(model, z)), one, torch.tensor([207]), 1.0, 0.0),
-                       reps)
-        dec.release()
-        p = torch.cat([torch.softmax(clf(dec(model, lat[i:i + 1])), 1) for i in range(n)])
-        agree = float((p.argmax(1) == ref_p.argmax(1)).float().mean())
-        tv = float(0.5 * (p - ref_p).abs().sum(1).mean())
+        grad_s = agree = tv = None
+        if gradient:
+            dec.prepare_gradients()   # what the gradient guider does per run
+            grad_s = _time(lambda: guidance_gradient(lambda z: smooth(dec(model, z)), one, torch.tensor([207]), 1.0,
+                                                     0.0), reps)
+            dec.release()
+        if agreement:
+            p = torch.cat([torch.softmax(clf(dec(model, lat[i:i + 1])), 1) for i in range(n)])
+            agree = float((p.argmax(1) == ref_p.argmax(1)).float().mean())
+            tv = float(0.5 * (p - ref_p).abs().sum(1).mean())
         rows.append({"decode": method, "resolution": res, "decode_s": decode_s, "decode_rel": decode_s / denoiser_s,
                      "path_rel": (decode_s + classify_s) / denoiser_s, "grad_s": grad_s,
-                     "grad_rel": grad_s / denoiser_s, "top1_agreement": agree, "mean_tv": tv})
-        print(f"{method:>10} x{res:<4} decode {decode_s * 1000:8.1f} ms = {decode_s / denoiser_s:6.3f} denoiser evals; "
-              f"top-1 agreement {agree:.2f}, TV {tv:.3f}", flush=True)
+                     "grad_rel": None if grad_s is None else grad_s / denoiser_s, "top1_agreement": agree,
+                     "mean_tv": tv})
+        print(f"{method:>10} x{res:<4} decode {decode_s * 1000:8.1f} ms = {decode_s / denoiser_s:6.3f} denoiser evals"
+              + ("" if agree is None else f"; top-1 agreement {agree:.2f}, TV {tv:.3f}"), flush=True)
     return {"denoiser": "EDM2-S img512 (pack's EDM2 network, random weights), batch 1, 64x64x4",
             "denoiser_s": denoiser_s, "classifier": clf_what, "classify_s": classify_s, "vae": vae_what,
             "taesd": taesd_what, "n_estimates": n, "reps": reps, "device": "cpu" if not torch.cuda.is_available()
