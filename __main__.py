@@ -94,7 +94,11 @@ def bench(args) -> int:
 def sweep(args) -> int:
     from .testbed.bench import run_sweep
 
-    run_sweep(args.out, n_per_class=args.n_per_class, settings=_settings(args), seed=args.seed, only=args.only)
+    import dataclasses
+
+    st = _settings(args)
+    st = dataclasses.replace(st, gfcg=dataclasses.replace(st.gfcg, alpha=args.alpha))
+    run_sweep(args.out, n_per_class=args.n_per_class, settings=st, seed=args.seed, only=args.only)
     return 0
 
 
@@ -160,6 +164,8 @@ def main(argv=None) -> int:
     w = sub.add_parser("sweep", help="testbed sweep of the GFCG settings (sets the node defaults)")
     sampling_args(w, 20, os.path.join("testbed", "results"), seed=1000)
     w.add_argument("--only", nargs="*", default=None, help="row names to run (default: all)")
+    w.add_argument("--alpha", type=float, default=2.0, help="the base alpha the rows vary around (2: the default "
+                   "before the sweep set it to 4; the committed sweep's base)")
     c = sub.add_parser("cgbench", help="testbed: off-the-shelf gradient classifier guidance (EluCD) with its "
                        "pre-conditioning steps switched on in turn, next to GFCG, with wall time")
     sampling_args(c, 100, os.path.join("testbed", "results"))
