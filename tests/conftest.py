@@ -148,7 +148,7 @@ def api_wait(url, prompt_id, timeout=240):
     pytest.fail("prompt did not finish")
 
 
-def testbed_api_prompt(steps=2, batch=1, seed=0, prefix="gfcg_api"):
+def make_testbed_prompt(steps=2, batch=1, seed=0, prefix="gfcg_api"):
     """The shipped testbed workflow (API form) with fewer steps, another batch size and seed."""
     from workflow_format import strip_meta
 

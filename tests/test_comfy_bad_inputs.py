@@ -14,7 +14,7 @@ from typing import Callable, List, Optional
 import pytest
 
 from conftest import api_submit as submit
-from conftest import testbed_api_prompt as testbed_prompt
+from conftest import make_testbed_prompt as make_prompt
 
 pytestmark = pytest.mark.comfy
 
@@ -284,12 +284,12 @@ _good_seed = iter(range(1000, 10 ** 6))
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input(matrix_server, case):
     url, log, base = matrix_server
-    stage, out = submit(url, case.patch(testbed_prompt()))
+    stage, out = submit(url, case.patch(make_prompt()))
     text = out if isinstance(out, str) else ""
     allowed = ("validation", "execution") if case.stage == "refused" else (case.stage,)
     assert stage in allowed, f"{case.id}: expected {case.stage}, got {stage}: {text[:1500]}"
     if stage == "success":
-        n = case.patch(testbed_prompt())[LATENT]["inputs"]["batch_size"]
+        n = case.patch(make_prompt())[LATENT]["inputs"]["batch_size"]
         assert len(out["outputs"]["14"]["images"]) == n
     else:
         missing = [w for w in case.words if w not in text]
@@ -298,6 +298,6 @@ def test_bad_input(matrix_server, case):
     assert not (base / "SENTINEL").exists()
     # the server keeps serving, and the next good prompt runs (a new seed: not a cached result)
     urllib.request.urlopen(url + "/system_stats", timeout=10)
-    stage, h = submit(url, testbed_prompt(seed=next(_good_seed)))
+    stage, h = submit(url, make_prompt(seed=next(_good_seed)))
     assert stage == "success", f"after {case.id}: {h if isinstance(h, str) else h['status']}"
     assert not any(m[0] == "execution_cached" and SAMPLER in m[1]["nodes"] for m in h["status"]["messages"])

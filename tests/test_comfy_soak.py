@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from conftest import api_submit, testbed_api_prompt
+from conftest import api_submit, make_testbed_prompt
 
 pytestmark = pytest.mark.comfy
 N, WARMUP = 100, 10
@@ -40,7 +40,7 @@ def test_soak_100_prompts_memory_and_models_flat(server):
     rss, counts, seconds = [], [], []
     for i in range(N):
         t = time.time()
-        stage, h = api_submit(url, testbed_api_prompt(steps=6, batch=2, seed=50_000 + i, prefix="soak"))
+        stage, h = api_submit(url, make_testbed_prompt(steps=6, batch=2, seed=50_000 + i, prefix="soak"))
         assert stage == "success", f"prompt {i}: {h}"
         seconds.append(time.time() - t)
         rss.append(rss_mb(pid))
@@ -99,7 +99,7 @@ def test_interrupt_mid_sampling_then_identical_rerun(server):
     t0 = time.time()
 
     def prompt(seed):
-        p = testbed_api_prompt(steps=18, batch=8, seed=seed, prefix="interrupt")
+        p = make_testbed_prompt(steps=18, batch=8, seed=seed, prefix="interrupt")
         p["99"] = {"class_type": "SaveLatent", "inputs": {"samples": [SAMPLER, 0], "filename_prefix": "interrupt"}}
         return p
 

@@ -10,7 +10,8 @@ determinism does not depend on the state of this process (caches, generators, ea
 
 "Same seed" means the same configuration, torch's intra-op thread count included: float32 results
 of small batches differ in the last bits between 1 and 2 threads (see ``fresh``); bfloat16 and the
-16-row batches do not here.
+16-row batches do not here. So does torch's reduced-precision SDPA flag, which ComfyUI's import
+sets (bf16 results change with it).
 """
 import dataclasses
 import functools
@@ -234,9 +235,14 @@ def fresh(tmp_path_factory):
     """Digests from a fresh interpreter. It runs with this process's intra-op thread count (the torch
     default unless something changed it): the thread count is part of the configuration, since
     float32 CPU convolutions with 1x1 kernels, >= 128 input channels and batches below 16 sum in
-    another order (last bits differ) with another number of threads."""
+    another order (last bits differ) with another number of threads. Likewise the flag that lets
+    scaled_dot_product_attention's math path reduce bf16 in lower precision: importing ComfyUI
+    turns it on (``allow_fp16_bf16_reduction_math_sdp(True)``), which changes bf16 results on the
+    CPU, so the fresh process gets this process's setting."""
     here = Path(__file__).resolve().parent
+    sdp = torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()
     code = (f"import sys, json, torch; torch.set_num_threads({torch.get_num_threads()}); "
+            f"torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp({sdp}); "
             f"sys.path.insert(0, {str(here)!r}); import test_determinism as T; "
             f"print('RESULT', json.dumps(T.fresh_digests({FRESH!r})))")
     cwd = tmp_path_factory.mktemp("fresh")     # not the repo root: its folders must not shadow modules
@@ -252,6 +258,7 @@ def test_fresh_process_reproduces_in_process_result(fresh, idx):
     here = digest(first_run(*FRESH[idx]))
     threads = [torch.get_num_threads(), torch.get_num_interop_threads()]
     there = fresh["digests"][idx]
+    # (the fresh process ran with this process's thread count and SDPA reduction flag)
     assert there["images"] == here["images"], \
         f"{FRESH[idx]}: images differ from a fresh process (threads here {threads}, there {fresh['threads']})"
     assert there["trace"] == here["trace"], f"{FRESH[idx]}: traces differ from a fresh process"
