@@ -160,6 +160,26 @@ def make_testbed_prompt(steps=2, batch=1, seed=0, prefix="gfcg_api"):
     return p
 
 
+async def ws_prompt(url, prompt, client_id, on_message, timeout=300):
+    """Post ``prompt`` with ComfyUI's websocket open (as ``client_id``) and hand every message to
+    ``await on_message(session, msg, prompt_id)`` until it returns True; returns the prompt id."""
+    import asyncio
+
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(url.replace("http", "ws") + f"/ws?clientId={client_id}") as ws:
+            async with session.post(url + "/prompt", json={"prompt": prompt, "client_id": client_id}) as r:
+                pid = (await r.json())["prompt_id"]
+
+            async def pump():
+                async for msg in ws:
+                    if await on_message(session, msg, pid):
+                        return
+            await asyncio.wait_for(pump(), timeout)
+    return pid
+
+
 def validation_text(body: dict) -> str:
     """ComfyUI's HTTP 400 answer as text: the error, then each node error with its input name."""
     parts = [body.get("error", {}).get("message", ""), body.get("error", {}).get("details", "")]

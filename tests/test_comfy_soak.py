@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from conftest import api_submit, make_testbed_prompt
+from conftest import api_submit, make_testbed_prompt, ws_prompt
 
 pytestmark = pytest.mark.comfy
 N, WARMUP = 100, 10
@@ -62,28 +62,24 @@ async def _interrupt_mid_sampling(url, prompt, client_id="gfcg-soak-interrupt", 
     import aiohttp
 
     seen = {}
-    async with aiohttp.ClientSession() as session:
-        async with session.ws_connect(url.replace("http", "ws") + f"/ws?clientId={client_id}") as ws:
-            async with session.post(url + "/prompt", json={"prompt": prompt, "client_id": client_id}) as r:
-                pid = (await r.json())["prompt_id"]
 
-            async def pump():
-                async for msg in ws:
-                    if msg.type != aiohttp.WSMsgType.TEXT:
-                        continue
-                    m = json.loads(msg.data)
-                    d = m.get("data", {})
-                    if d.get("prompt_id") != pid:
-                        continue
-                    if m["type"] == "progress" and d.get("node") == SAMPLER and "value" not in seen \
-                            and d["value"] >= at_step:
-                        seen.update(value=d["value"], max=d["max"])
-                        async with session.post(url + "/interrupt", json={}) as r2:
-                            assert r2.status == 200
-                    if m["type"] in ("execution_interrupted", "execution_error", "execution_success"):
-                        seen["end"] = m["type"]
-                        return
-            await asyncio.wait_for(pump(), timeout)
+    async def on_message(session, msg, pid):
+        if msg.type != aiohttp.WSMsgType.TEXT:
+            return False
+        m = json.loads(msg.data)
+        d = m.get("data", {})
+        if d.get("prompt_id") != pid:
+            return False
+        if m["type"] == "progress" and d.get("node") == SAMPLER and "value" not in seen and d["value"] >= at_step:
+            seen.update(value=d["value"], max=d["max"])
+            async with session.post(url + "/interrupt", json={}) as r2:
+                assert r2.status == 200
+        if m["type"] in ("execution_interrupted", "execution_error", "execution_success"):
+            seen["end"] = m["type"]
+            return True
+        return False
+
+    pid = await ws_prompt(url, prompt, client_id, on_message, timeout)
     return pid, seen
 
 

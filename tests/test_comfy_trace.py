@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from conftest import REPO, api_wait
+from conftest import REPO, api_wait, ws_prompt
 from workflow_format import strip_meta
 
 pytestmark = pytest.mark.comfy
@@ -21,24 +21,22 @@ async def _run_collecting(url, prompt, client_id="gfcg-trace-test", timeout=240)
     import aiohttp
 
     texts = []
-    async with aiohttp.ClientSession() as session:
-        async with session.ws_connect(url.replace("http", "ws") + f"/ws?clientId={client_id}") as ws:
-            async with session.post(url + "/prompt", json={"prompt": prompt, "client_id": client_id}) as r:
-                pid = (await r.json())["prompt_id"]
-            async def pump():
-                async for msg in ws:
-                    if msg.type == aiohttp.WSMsgType.BINARY:
-                        event, n = struct.unpack(">II", msg.data[:8])
-                        if event == TEXT_EVENT:
-                            texts.append((msg.data[8:8 + n].decode(), msg.data[8 + n:].decode()))
-                    elif msg.type == aiohttp.WSMsgType.TEXT:
-                        m = json.loads(msg.data)
-                        d = m.get("data", {})
-                        if m.get("type") == "executing" and d.get("node") is None and d.get("prompt_id") == pid:
-                            return
-                        if m.get("type") == "execution_error":
-                            return
-            await asyncio.wait_for(pump(), timeout)
+
+    async def on_message(session, msg, pid):
+        if msg.type == aiohttp.WSMsgType.BINARY:
+            event, n = struct.unpack(">II", msg.data[:8])
+            if event == TEXT_EVENT:
+                texts.append((msg.data[8:8 + n].decode(), msg.data[8 + n:].decode()))
+        elif msg.type == aiohttp.WSMsgType.TEXT:
+            m = json.loads(msg.data)
+            d = m.get("data", {})
+            if m.get("type") == "executing" and d.get("node") is None and d.get("prompt_id") == pid:
+                return True
+            if m.get("type") == "execution_error":
+                return True
+        return False
+
+    pid = await ws_prompt(url, prompt, client_id, on_message, timeout)
     return pid, texts
 
 

@@ -385,10 +385,13 @@ def scan_source(source: str, rel: str):
 
 
 def package_sources():
-    skip = {"tests", ".git", ".ci", "web", "docs", "__pycache__", ".pytest_cache"}
+    skip = {"tests", "web", "docs", "__pycache__"}
+    venvs = {p.parent.name for p in REPO.glob("*/pyvenv.cfg")}      # e.g. CI's .venv-ci inside the repo
     for path in sorted(REPO.rglob("*.py")):
         rel = path.relative_to(REPO)
-        if rel.parts[0] in skip or any(p.endswith(".egg-info") or p == "__pycache__" for p in rel.parts):
+        top = rel.parts[0]
+        if top in skip or top in venvs or (top.startswith(".") and len(rel.parts) > 1) \
+                or any(p.endswith(".egg-info") or p == "__pycache__" for p in rel.parts):
             continue
         yield rel.as_posix(), path.read_text(encoding="utf-8")
 
