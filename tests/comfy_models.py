@@ -103,18 +103,24 @@ def pixel_vae():
     return comfy.sd.VAE(sd={"pixel_space_vae": torch.tensor(1.0)})
 
 
-def taesd_vae(seed=0):
-    """A real ComfyUI VAE (TAESD architecture, 4-channel latents, x8) with random weights."""
+def random_taesd_state(latent_channels=4, seed=0):
+    """The state dict of ComfyUI's TAESD (encoder + decoder) with random weights (ComfyUI builds
+    layers without init: give every weight a real value)."""
     import comfy.taesd.taesd
 
     g = torch.Generator().manual_seed(seed)
-    sd = comfy.taesd.taesd.TAESD(latent_channels=4).state_dict()
-    for k, v in sd.items():  # ComfyUI builds layers without init: give every weight a real value
+    sd = comfy.taesd.taesd.TAESD(latent_channels=latent_channels).state_dict()
+    for k, v in sd.items():
         if k.endswith("weight") and v.ndim > 1:
             sd[k] = torch.randn(v.shape, generator=g) / math.sqrt(v[0].numel())
         elif k.endswith("bias"):
             sd[k] = torch.zeros(v.shape)
-    return comfy.sd.VAE(sd=sd)
+    return sd
+
+
+def taesd_vae(seed=0):
+    """A real ComfyUI VAE (TAESD architecture, 4-channel latents, x8) with random weights."""
+    return comfy.sd.VAE(sd=random_taesd_state(4, seed))
 
 
 def save_classifier(folder, name="tiny_resnet.safetensors", arch="test_resnet", seed=0, classes=K, metadata=True):

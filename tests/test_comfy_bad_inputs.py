@@ -6,7 +6,6 @@ execution (``execution_error`` in /history) with a message that names the input 
 allowed. After every case the server must still serve, and the next good prompt (the shipped
 testbed workflow at 2 steps, a new seed each time, so it really runs) must succeed.
 """
-import math
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional
@@ -55,27 +54,23 @@ def matrix_server(server):
     import conftest
 
     conftest.load_comfy()
-    import comfy.taesd.taesd as T
+    import comfy_models as cm
 
     approx = m / "vae_approx"
     approx.mkdir(exist_ok=True)
     for prefix, ch in (("taesd", 4), ("taesd3", 16)):
-        t = T.TAESD(latent_channels=ch)
-        g = torch.Generator().manual_seed(ch)
+        sd = cm.random_taesd_state(ch, seed=ch)
         for part in ("encoder", "decoder"):
-            sd = {k: (torch.randn(v.shape, generator=g) / math.sqrt(v[0].numel()) if v.ndim > 1 else torch.zeros(v.shape))
-                  for k, v in getattr(t, f"taesd_{part}").state_dict().items()}
-            save_file(sd, str(approx / f"{prefix}_{part}.safetensors"))
+            save_file({k.split(".", 1)[1]: v for k, v in sd.items() if k.startswith(f"taesd_{part}.")},
+                      str(approx / f"{prefix}_{part}.safetensors"))
     (m / "gfcg_clip").mkdir(exist_ok=True)
     (m / "gfcg_clip" / "mx_clip.safetensors").write_bytes(b"placeholder: the cases stop at validation")
-    import safetensors.torch as st
-
     (base / "in").mkdir(exist_ok=True)
-    st.save_file({"latent_tensor": torch.full((1, 3, 32, 32), float("nan")),
+    save_file({"latent_tensor": torch.full((1, 3, 32, 32), float("nan")),
                   "latent_format_version_0": torch.tensor([])}, str(base / "in" / "mx_nan.latent"))
     x = torch.zeros(1, 3, 32, 32)
     x[0, 1, 5, 5] = float("inf")
-    st.save_file({"latent_tensor": x, "latent_format_version_0": torch.tensor([])}, str(base / "in" / "mx_inf.latent"))
+    save_file({"latent_tensor": x, "latent_format_version_0": torch.tensor([])}, str(base / "in" / "mx_inf.latent"))
     return server
 
 
