@@ -17,6 +17,7 @@ import torch
 import comfy.samplers
 
 from .comfy_guider import PixelDecoder, check_finite_latent, check_vae, post_cfg_hooks, pre_cfg_hooks, report_trace
+from .callconv import named_arguments
 from .config import GFCGInputError
 from .gradient import CGConfig, CGEngine, softplus_copy
 
@@ -49,16 +50,19 @@ class ClassifierGuidanceGuider(comfy.samplers.CFGGuider):
         self.inner_set_conds(conds)
         self.cfg = float(cfg)
 
-    def inner_sample(self, noise, latent_image, device, sampler, sigmas, denoise_mask, callback, disable_pbar, seed):
-        check_finite_latent(latent_image)
+    def inner_sample(self, *args, **kwargs):
+        """Grad-capable copies for the run, then ComfyUI's own ``inner_sample`` with the arguments as
+        given (read by name from the parent's signature; newer arguments pass through)."""
+        a = named_arguments(comfy.samplers.CFGGuider.inner_sample, args, kwargs)
+        sigmas = a["sigmas"]
+        check_finite_latent(a["latent_image"])
         # the models are loaded on their device by now: grad-capable copies live there for this run
         self._grad_classifier, _ = softplus_copy(self.classifier.classifier, self.config.softplus_beta)
         self.decoder.prepare_gradients()
         self.engine.begin(sigmas)
         self._reported = 0
         try:
-            return super().inner_sample(noise, latent_image, device, sampler, sigmas, denoise_mask, callback,
-                                        disable_pbar, seed)
+            return super().inner_sample(*args, **kwargs)
         finally:
             self._grad_classifier = None
             self.decoder.release()

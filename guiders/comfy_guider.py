@@ -27,6 +27,7 @@ import comfy.sampler_helpers
 import comfy.samplers
 
 from ..classifiers.timm_classifier import straight_through_clamp
+from .callconv import call_with_supported, extra_arguments, named_arguments, supported_kwargs
 from .config import GFCGConfig, GFCGInputError
 from .engine import Branch, GFCGEngine
 from .references import LabelReference, TextReference, has_class_labels
@@ -67,8 +68,13 @@ def _in_time_range(cond: dict, t: torch.Tensor) -> bool:
     return True
 
 
+# model_options keys under which ComfyUI runs its own batching (wrappers, context windows, the
+# multi-GPU split of newer ComfyUI): the fused forward steps aside and calc_cond_batch runs.
+_OWN_PATH_KEYS = ("model_function_wrapper", "context_handler", "multigpu_clones")
+
+
 def _fusable(model, entries, t, model_options) -> bool:
-    if "model_function_wrapper" in model_options or model_options.get("context_handler") is not None:
+    if any(model_options.get(k) is not None for k in _OWN_PATH_KEYS):
         return False
     topts = model_options.get("transformer_options", {})
     if topts.get("patches") or topts.get("patches_replace"):
@@ -94,8 +100,7 @@ def batched_forward(model, entries: Sequence[Tuple[list, Optional[torch.Tensor],
     sizes = [b if rows is None else int(rows.numel()) for _, rows, _ in entries]
     if len(entries) > 1 and _fusable(model, entries, t, model_options):
         shape = [sum(sizes)] + list(x.shape[1:])
-        free = comfy.model_management.get_free_memory(x.device)
-        if model.memory_required(shape) * 1.5 < free:
+        if _memory_required(model, shape, entries) * 1.5 < _free_memory(model, x.device):
             return _fused(model, entries, sizes, x, t, model_options)
     # fallback: whole-batch entries in one calc_cond_batch call, then one call per row subset
     outs: List[Optional[torch.Tensor]] = [None] * len(entries)
@@ -109,6 +114,33 @@ def batched_forward(model, entries: Sequence[Tuple[list, Optional[torch.Tensor],
             sub = [_slice_cond_entry(c, rows, b) for c in cond_list]
             outs[i] = comfy.samplers.calc_cond_batch(model, [sub], x[rows], t[rows], model_options)[0]
     return outs
+
+
+def _free_memory(model, device) -> int:
+    """Free memory for the model's forward as ComfyUI's own batching sees it: the patcher's view
+    where the patcher has one (newer ComfyUI, which accounts for dynamically loaded weights), else
+    model management's."""
+    patcher = getattr(model, "current_patcher", None)
+    if patcher is not None and hasattr(patcher, "get_free_memory"):
+        return patcher.get_free_memory(device)
+    return comfy.model_management.get_free_memory(device)
+
+
+def _memory_required(model, shape, entries) -> float:
+    """``model.memory_required`` for the fused batch, with the conds' shapes where it takes them."""
+    kw = {}
+    if "cond_shapes" in supported_kwargs(model.memory_required, {"cond_shapes": None}):
+        shapes: Dict[str, list] = {}
+        for cond_list, rows, _ in entries:
+            for k, v in cond_list[0]["model_conds"].items():
+                size = getattr(v, "size", None)
+                if callable(size):
+                    try:
+                        shapes.setdefault(k, []).append(size())
+                    except Exception:  # a cond type without a meaningful size
+                        pass
+        kw["cond_shapes"] = shapes
+    return model.memory_required(shape, **kw)
 
 
 def _slice_cond_entry(c: dict, rows: torch.Tensor, batch: int) -> dict:
@@ -130,7 +162,7 @@ def _fused(model, entries, sizes, x, t, model_options) -> List[torch.Tensor]:
         conds.append({k: _rows_of_cond(v, rows, b) for k, v in c["model_conds"].items()})
         cou.append(which)
         uuids.append(c.get("uuid"))
-    model.current_patcher.prepare_state(t)
+    call_with_supported(model.current_patcher.prepare_state, t, model_options=model_options)
     topts = model.current_patcher.apply_hooks(hooks=None)
     if "transformer_options" in model_options:
         topts = comfy.patcher_extension.merge_nested_dicts(topts, model_options["transformer_options"], copy_dict1=False)
@@ -377,6 +409,11 @@ def post_cfg_hooks(model_options, res, positive, negative, cond_scale, timestep,
     return denoised
 
 
+# the arguments of CFGGuider.inner_sample that every supported ComfyUI passes (v0.3.64's list)
+_INNER_SAMPLE_ARGS = ("noise", "latent_image", "device", "sampler", "sigmas", "denoise_mask", "callback",
+                      "disable_pbar", "seed")
+
+
 class GFCGGuider(comfy.samplers.CFGGuider):
     """GFCG alone, or stacked with CFG (negative conditioning) or autoguidance (guide model)."""
 
@@ -428,10 +465,15 @@ class GFCGGuider(comfy.samplers.CFGGuider):
         self.inner_set_conds(conds)
 
     def _process(self, model, raw) -> list:
-        run = self._run
         conds = {"positive": comfy.sampler_helpers.convert_cond(raw)}
-        return comfy.samplers.process_conds(model, run["noise"], conds, run["device"], run["latent"],
-                                            run["denoise_mask"], run["seed"])["positive"]
+        return self._process_conds(model, conds)["positive"]
+
+    def _process_conds(self, model, conds: dict) -> dict:
+        """ComfyUI's ``process_conds`` for ``conds`` with this run's inputs (and whatever newer
+        arguments the sampler passed that process_conds takes, e.g. ``latent_shapes``)."""
+        run = self._run
+        return call_with_supported(comfy.samplers.process_conds, model, run["noise"], conds, run["device"],
+                                   run["latent"], run["denoise_mask"], run["seed"], **run["extra"])
 
     def _reference_cond(self, which: str, k: int) -> list:
         key = (which, int(k))
@@ -443,21 +485,29 @@ class GFCGGuider(comfy.samplers.CFGGuider):
         return self._ref_cache[key]
 
     # -- sampling
-    def inner_sample(self, noise, latent_image, device, sampler, sigmas, denoise_mask, callback, disable_pbar, seed):
+    def inner_sample(self, *args, **kwargs):
+        """Per-run setup, then ComfyUI's own ``inner_sample`` with the arguments exactly as given
+        (read by name from the parent's signature, so arguments newer ComfyUI adds pass through)."""
+        a = named_arguments(comfy.samplers.CFGGuider.inner_sample, args, kwargs)
+        noise, latent_image, sigmas = a["noise"], a["latent_image"], a["sigmas"]
         check_finite_latent(latent_image)
         latent = latent_image
         if latent is not None and torch.count_nonzero(latent) > 0:
             latent = self.inner_model.process_latent_in(latent)
-        self._run = {"noise": noise, "device": device, "latent": latent, "denoise_mask": denoise_mask, "seed": seed}
+        extra = extra_arguments(a, _INNER_SAMPLE_ARGS)
+        self._run = {"noise": noise, "device": a["device"], "latent": latent, "denoise_mask": a["denoise_mask"],
+                     "seed": a["seed"], "extra": extra}
         self._ref_cache: Dict[Tuple[str, int], list] = {}
         if self.guide_patcher is not None:
             g = self.guide_patcher
+            if "latent_shapes" in extra and hasattr(g.model, "latent_shapes"):
+                g.model.latent_shapes = extra["latent_shapes"]
             gconds = {"positive": [c.copy() for c in self.original_conds["positive"]]}
-            self.guide_conds = comfy.samplers.process_conds(g.model, noise, gconds, device, latent, denoise_mask, seed)
+            self.guide_conds = self._process_conds(g.model, gconds)
             g.pre_run()
-        self.engine.begin(sigmas, seed)
+        self.engine.begin(sigmas, a["seed"])
         self._reported = 0
-        return super().inner_sample(noise, latent_image, device, sampler, sigmas, denoise_mask, callback, disable_pbar, seed)
+        return super().inner_sample(*args, **kwargs)
 
     def _evaluate(self, which: str, model, conds: Dict[str, list], x, t, model_options,
                   branches: List[Branch]) -> List[torch.Tensor]:

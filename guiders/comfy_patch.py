@@ -12,9 +12,11 @@ from __future__ import annotations
 from typing import Optional
 
 import comfy.patcher_extension
+import comfy.samplers
 
+from .callconv import named_arguments
 from .comfy_guider import GFCGGuider
-from .config import GFCGConfig
+from .config import GFCGConfig, GFCGInputError
 
 WRAPPER_KEY = "comfyui_gfcg.model_patch"
 
@@ -54,11 +56,18 @@ class GFCGSampleWrapper:
         g.model_patcher.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY)
         return g
 
-    def __call__(self, executor, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None,
-                 disable_pbar=False, seed=None):
+    def __call__(self, executor, *args, **kwargs):
+        """ComfyUI calls an OUTER_SAMPLE wrapper with its executor and ``CFGGuider.outer_sample``'s
+        arguments (read here by name from that signature, so newer arguments are tolerated)."""
+        a = named_arguments(comfy.samplers.CFGGuider.outer_sample, args, kwargs)
+        shapes = a.get("latent_shapes")
+        if shapes is not None and len(shapes) > 1:
+            raise GFCGInputError(f"GFCG Model Patch: this sampler packs {len(shapes)} latents into one run (e.g. "
+                                 "video with audio); the classifier can judge one image latent only")
         g = self.guider_for(executor.class_obj)
         self.last_guider = g
-        return g.sample(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed)
+        return g.sample(a["noise"], a["latent_image"], a["sampler"], a["sigmas"], a["denoise_mask"], a["callback"],
+                        a["disable_pbar"], a["seed"])
 
 
 def patch_model(model_patcher, wrapper: GFCGSampleWrapper):

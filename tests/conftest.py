@@ -1,6 +1,6 @@
-"""Test setup. ComfyUI integration tests run when a ComfyUI checkout is found (``COMFYUI_PATH``,
-``../ComfyUI`` beside the repo, or the repo sitting in ``ComfyUI/custom_nodes``) and skip with the
-reason otherwise."""
+"""Test setup. ComfyUI integration tests run when a ComfyUI tree is found (``COMFYUI_PATH``, the shared
+read-only tree ``../shared/comfyui/0.33.0`` (copied to the temp folder first), ``../ComfyUI`` beside
+the repo, or the repo sitting in ``ComfyUI/custom_nodes``) and skip with the reason otherwise."""
 import asyncio
 import json
 import os
@@ -22,17 +22,69 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO]
 
 
+SHARED_TREES = REPO.parent / "shared" / "comfyui"   # unmodified trees laid read-only (CI, developers)
+DEFAULT_TREE = "0.33.0"
+
+
+def _is_shared(path: Path) -> bool:
+    """A tree that must not be written to: one of the shared read-only trees, or a read-only folder."""
+    try:
+        path.relative_to(SHARED_TREES.resolve())
+        return True
+    except ValueError:
+        return not os.access(path, os.W_OK)
+
+
+def _working_copy(src: Path) -> Path:
+    """A writable copy of a read-only ComfyUI tree (ComfyUI writes its user, output and temp folders
+    and __pycache__ into its own tree), made once per tree and machine in the temp folder."""
+    import hashlib
+    import shutil
+    import tempfile
+
+    tag = hashlib.sha1(str(src).encode()).hexdigest()[:10]
+    dst = Path(tempfile.gettempdir()) / f"gfcg-comfyui-{src.name}-{tag}"
+    done = dst / ".gfcg-copied"
+    if not done.is_file():
+        tmp = dst.with_name(dst.name + f".part{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("__pycache__", ".git"))
+        for d, dirs, files in os.walk(tmp):   # the copy is ours to write
+            os.chmod(d, 0o755)
+            for f in files:
+                os.chmod(os.path.join(d, f), 0o644)
+        (tmp / ".gfcg-copied").write_text(str(src))
+        shutil.rmtree(dst, ignore_errors=True)
+        os.replace(tmp, dst)
+    return dst
+
+
 def find_comfyui():
-    cands = [os.environ.get("COMFYUI_PATH"), str(REPO.parent / "ComfyUI"), str(REPO.parents[1])]
+    """The ComfyUI tree the integration tests use: COMFYUI_PATH, else ../shared/comfyui/0.33.0, else
+    ../ComfyUI, else the ComfyUI this repo sits in (custom_nodes/). Read-only trees are copied first."""
+    cands = [os.environ.get("COMFYUI_PATH"), str(SHARED_TREES / DEFAULT_TREE), str(REPO.parent / "ComfyUI"),
+             str(REPO.parents[1])]
     for c in cands:
         if c and (Path(c) / "comfy" / "samplers.py").is_file():
-            return Path(c).resolve()
+            path = Path(c).resolve()
+            return _working_copy(path) if _is_shared(path) else path
     return None
 
 
+def comfyui_version():
+    """The tree's version (comfyui_version.py), e.g. (0, 33, 0); None without a tree."""
+    if COMFYUI is None:
+        return None
+    import re
+
+    m = re.search(r'__version__\s*=\s*"(\d+)\.(\d+)\.(\d+)', (COMFYUI / "comfyui_version.py").read_text())
+    return tuple(int(g) for g in m.groups()) if m else None
+
+
 COMFYUI = find_comfyui()
-SKIP_REASON = ("no ComfyUI checkout found: set COMFYUI_PATH or put a Comfy-Org/ComfyUI checkout at "
-               f"{REPO.parent / 'ComfyUI'} (its requirements installed in this environment)")
+SKIP_REASON = ("no ComfyUI tree found: set COMFYUI_PATH, or lay the shared trees at "
+               f"{SHARED_TREES} or a Comfy-Org/ComfyUI checkout at {REPO.parent / 'ComfyUI'} "
+               "(its requirements installed in this environment)")
 
 _state = {}
 

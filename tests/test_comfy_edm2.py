@@ -225,7 +225,10 @@ def test_every_tensor_the_forward_uses_is_moved_by_comfy_model_loading(env):
     gains left outside are folded into the weights and no longer read."""
     patcher = load(env, "edm2-img512-tiny")
     dm = patcher.model.diffusion_model
-    moved = {id(t) for _, _, m, _ in patcher._load_list() for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))}
+    # _load_list entries are tuples whose length changes between ComfyUI versions (4 at 0.3.64, 5 at 0.33);
+    # the module is the one nn.Module in each
+    mods = [next(v for v in e if isinstance(v, torch.nn.Module)) for e in patcher._load_list()]
+    moved = {id(t) for m in mods for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))}
     left = [n for n, t in list(dm.named_parameters()) + list(dm.named_buffers()) if id(t) not in moved]
     assert all(n.endswith("emb_gain") or n.endswith("out_gain") for n in left), left
     assert not list(dm.buffers())

@@ -69,13 +69,15 @@ class PlainAutoguidance:
         import comfy.samplers
 
         class _G(comfy.samplers.CFGGuider):
-            def inner_sample(self, noise, latent_image, device, sampler, sigmas, denoise_mask, callback, disable_pbar,
-                             seed):
+            def inner_sample(self, *args, **kwargs):   # any ComfyUI's calling convention
+                from comfyui_gfcg.guiders.callconv import named_arguments
+
+                a = named_arguments(comfy.samplers.CFGGuider.inner_sample, args, kwargs)
                 conds = {"positive": [c.copy() for c in self.original_conds["positive"]]}
-                self.gc = comfy.samplers.process_conds(guide.model, noise, conds, device, None, denoise_mask, seed)
+                self.gc = comfy.samplers.process_conds(guide.model, a["noise"], conds, a["device"], None,
+                                                       a["denoise_mask"], a["seed"])
                 guide.pre_run()
-                return super().inner_sample(noise, latent_image, device, sampler, sigmas, denoise_mask, callback,
-                                            disable_pbar, seed)
+                return super().inner_sample(*args, **kwargs)
 
             def predict_noise(self, x, t, model_options={}, seed=None):
                 d1 = comfy.samplers.calc_cond_batch(self.inner_model, [self.conds["positive"]], x, t, model_options)[0]

@@ -99,6 +99,22 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
     return api
 
 
+def link_problems(ui: dict, object_info: dict) -> list:
+    """Links of an editor workflow whose recorded type is not what the source node puts out at that
+    slot and the target input takes (``*`` matches anything)."""
+    problems, nodes = [], {n["id"]: n for n in ui["nodes"]}
+    for lk_id, src, slot, dst, dst_slot, typ in ui["links"]:
+        out = object_info[nodes[src]["type"]]["output"]
+        got = out[slot] if slot < len(out) else None
+        inp = nodes[dst]["inputs"][dst_slot]
+        specs = {n: t for n, t, _, _ in _inputs(object_info[nodes[dst]["type"]])}
+        want = specs.get(inp["name"])
+        for name, t in (("source output", got), ("target input", want)):
+            if t != typ and "*" not in (t, typ):
+                problems.append(f"link {lk_id}: recorded {typ}, {name} is {t}")
+    return problems
+
+
 def strip_meta(api: dict) -> dict:
     return {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
 
