@@ -2,6 +2,7 @@
 read-only tree ``../shared/comfyui/0.33.0`` (copied to the temp folder first), ``../ComfyUI`` beside
 the repo, or the repo sitting in ``ComfyUI/custom_nodes``) and skip with the reason otherwise."""
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -153,12 +154,22 @@ def server(tmp_path_factory):
     cfg.write_text(f"gfcg_test:\n  base_path: {base}\n  custom_nodes: custom_nodes\n  edm2: models/edm2\n"
                    f"  vae: models/vae\n  checkpoints: models/checkpoints\n  gfcg_classifiers: models/gfcg_classifiers\n"
                    f"  gfcg_clip: models/gfcg_clip\n  vae_approx: models/vae_approx\n")
+    with run_server(base, ["--extra-model-paths-config", str(cfg)]) as url:
+        yield url, base / "server.log", base
+
+
+@contextlib.contextmanager
+def run_server(base: Path, extra_args=()):
+    """A ComfyUI server (--cpu) on a free loopback port with its writable folders under ``base``
+    (out, tmp, in, user; made here) and ``extra_args``; yields its URL, log in base/server.log."""
+    for sub in ("out", "tmp", "user", "in"):
+        (base / sub).mkdir(exist_ok=True)
     port = _free_port()
     log = open(base / "server.log", "w")
     cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-           "--extra-model-paths-config", str(cfg), "--output-directory", str(base / "out"),
-           "--temp-directory", str(base / "tmp"), "--input-directory", str(base / "in"), "--user-directory", str(base / "user"),
-           "--database-url", "sqlite:///:memory:", "--disable-api-nodes", "--dont-print-server"]
+           "--output-directory", str(base / "out"), "--temp-directory", str(base / "tmp"),
+           "--input-directory", str(base / "in"), "--user-directory", str(base / "user"),
+           "--database-url", "sqlite:///:memory:", "--disable-api-nodes", "--dont-print-server", *extra_args]
     env = dict(os.environ, PYTHONPATH="")
     proc = subprocess.Popen(cmd, cwd=COMFYUI, stdout=log, stderr=subprocess.STDOUT, env=env)
     (base / "server.pid").write_text(str(proc.pid))
@@ -175,7 +186,7 @@ def server(tmp_path_factory):
                 time.sleep(1)
         else:
             pytest.fail("ComfyUI did not start within 180 s")
-        yield url, base / "server.log", base
+        yield url
     finally:
         proc.terminate()
         try:
