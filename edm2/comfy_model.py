@@ -61,6 +61,7 @@ class EDM2LatentFormat(comfy.latent_formats.LatentFormat):
 
     latent_channels = 4
     latent_dimensions = 2
+    spacial_downscale_ratio = 8   # the SD VAE's (ComfyUI's empty-latent resizing reads it, v0.33+)
     vae_output_range = "0..1"  # EDM2 reads the VAE decoder's output as the [0, 1] image
 
     def __init__(self, scale=None, bias=None):
@@ -83,6 +84,7 @@ class EDM2PixelFormat(comfy.latent_formats.LatentFormat):
 
     latent_channels = 3
     latent_dimensions = 2
+    spacial_downscale_ratio = 1   # pixels: one latent pixel per image pixel (ComfyUI's resizing reads it)
 
     def __init__(self):
         self.latent_rgb_factors = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
@@ -201,8 +203,14 @@ def model_from_checkpoint(ckpt: EDM2Checkpoint, weight_dtype: str = "default"):
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=offload)
 
 
-def load_edm2_model(path: str, weight_dtype: str = "default"):
-    return model_from_checkpoint(read_checkpoint(path), weight_dtype)
+def load_edm2_model(path: str, weight_dtype: str = "default", disable_dynamic: bool = False):
+    """A ModelPatcher for the checkpoint at ``path`` that newer ComfyUI can load again by itself:
+    ``cached_patcher_init`` names this loader, as ComfyUI's core loaders do, so that the multi-GPU
+    split (``deepclone_multigpu``) and ``get_non_dynamic_delegate`` get a fresh copy of the weights
+    (the pack's patchers are never dynamic: ``disable_dynamic`` is accepted and has nothing to do)."""
+    patcher = model_from_checkpoint(read_checkpoint(path), weight_dtype)
+    patcher.cached_patcher_init = (load_edm2_model, (path, weight_dtype))
+    return patcher
 
 
 # ----------------------------------------------------------------------------------------------

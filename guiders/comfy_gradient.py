@@ -16,8 +16,9 @@ import torch
 
 import comfy.samplers
 
-from .comfy_guider import PixelDecoder, check_finite_latent, check_vae, post_cfg_hooks, pre_cfg_hooks, report_trace
 from .callconv import named_arguments
+from .comfy_guider import (PixelDecoder, additional_models, check_finite_latent, check_vae, post_cfg_hooks,
+                           pre_cfg_hooks, report_trace)
 from .config import GFCGInputError
 from .gradient import CGConfig, CGEngine, softplus_copy
 
@@ -34,10 +35,7 @@ class ClassifierGuidanceGuider(comfy.samplers.CFGGuider):
             raise GFCGInputError("negative: cfg != 1 needs the negative conditioning (or set cfg to 1)")
         check_vae(model_patcher.model, vae)
         mp = model_patcher.clone()
-        extra = [classifier.patcher]
-        if vae is not None and getattr(vae, "patcher", None) is not None and decode == "vae":
-            extra.append(vae.patcher)
-        mp.set_additional_models("gfcg_cg", extra)
+        mp.set_additional_models("gfcg_cg", additional_models(classifier, vae, decode))
         super().__init__(mp)
         self.config = config
         self.classifier = classifier

@@ -30,6 +30,7 @@ from ..classifiers.timm_classifier import straight_through_clamp
 from .callconv import call_with_supported, extra_arguments, named_arguments, supported_kwargs
 from .config import GFCGConfig, GFCGInputError
 from .engine import Branch, GFCGEngine
+from .grad_copy import plain_resident_copy
 from .references import LabelReference, TextReference, has_class_labels
 
 log = logging.getLogger("comfyui_gfcg")
@@ -182,12 +183,14 @@ def _fused(model, entries, sizes, x, t, model_options) -> List[torch.Tensor]:
 DECODE_METHODS = ("vae", "taesd", "latent_rgb")
 
 
-def _decoder_only_copy(first_stage: torch.nn.Module) -> torch.nn.Module:
-    """A copy of a VAE's first-stage model without its encoder, whose weights autograd may use
-    (ComfyUI loads models under inference mode). Used only for gradients through the decoder."""
-    memo = {id(first_stage.encoder): None} if isinstance(getattr(first_stage, "encoder", None), torch.nn.Module) else {}
-    with torch.inference_mode(False):
-        return copy.deepcopy(first_stage, memo)
+def _decoder_only_copy(vae) -> torch.nn.Module:
+    """A copy of a VAE's first-stage model without its encoder, whose weights autograd may use, on
+    the VAE's device: an ordinary resident module whatever way ComfyUI loaded the VAE (under
+    inference mode, in lowvram, or dynamically), see ``grad_copy``. Used only for gradients."""
+    fsm = vae.first_stage_model
+    enc = getattr(fsm, "encoder", None)
+    return plain_resident_copy(fsm, vae.device, getattr(vae, "vae_dtype", None),
+                               skip=[enc] if isinstance(enc, torch.nn.Module) else [])
 
 
 def taesd_input(model, x0: torch.Tensor):
@@ -251,7 +254,7 @@ class PixelDecoder:
     def prepare_gradients(self) -> None:
         """Make the VAE decoder differentiable: a copy on the device ComfyUI loaded the VAE to."""
         if self.method == "vae" and self.vae is not None and self._grad_vae is None:
-            self._grad_vae = _decoder_only_copy(self.vae.first_stage_model)
+            self._grad_vae = _decoder_only_copy(self.vae)
 
     def release(self) -> None:
         self._grad_vae = None
@@ -287,9 +290,8 @@ class PixelDecoder:
                              f"{z.shape[1]}-channel ones; connect the VAE that belongs to the model")
         zero_one = getattr(getattr(model, "latent_format", None), "vae_output_range", "-1..1") == "0..1"
         if self.method == "latent_rgb":
-            factors, bias = self._rgb_factors(model.latent_format, x0.device)
-            v = torch.einsum("bchw,cr->brhw", x0.float(), factors) + bias
-            return straight_through_clamp((v + 1.0) / 2.0)   # the previewer's [-1, 1] -> [0, 1]
+            return straight_through_clamp((latent_rgb(model.latent_format, x0.float(), *self._rgb_factors(
+                model.latent_format, x0.device)) + 1.0) / 2.0)   # the previewer's [-1, 1] -> [0, 1]
         if self.method == "taesd":
             name, t_in = taesd_input(model, x0)
             if self._taesd is None:
@@ -302,6 +304,23 @@ class PixelDecoder:
             fsm = self._grad_vae if self._grad_vae is not None else vae.first_stage_model
             img = fsm.decode(z.to(device=vae.device, dtype=vae.vae_dtype)).float()
         return straight_through_clamp(img if zero_one else (img + 1.0) / 2.0)   # EDM2 reads it as [0, 1]
+
+
+def latent_rgb(fmt, x0: torch.Tensor, factors: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """ComfyUI's latent-to-RGB preview of model-space ``x0`` [B, C, H, W], for the whole batch:
+    v = W^T r(x0) + b per pixel, with ``r`` the format's ``latent_rgb_factors_reshape`` where it has
+    one (e.g. Flux2's 2x2 un-patchify, 128 -> 32 channels at twice the side), ``W`` [C', 3] its
+    ``latent_rgb_factors`` and ``b`` their bias; v in [-1, 1]."""
+    reshape = getattr(fmt, "latent_rgb_factors_reshape", None)
+    if reshape is not None:
+        x0 = reshape(x0)
+    if x0.ndim != 4:
+        raise GFCGInputError(f"decode: latent_rgb shows image latents [B, C, H, W]; these are {x0.ndim}-D "
+                             f"({type(fmt).__name__}, e.g. video); use decode = vae")
+    if x0.shape[1] != factors.shape[0]:
+        raise GFCGInputError(f"decode: {type(fmt).__name__}'s latent_rgb factors map {factors.shape[0]} channels, "
+                             f"the latents have {x0.shape[1]}; use decode = vae")
+    return torch.einsum("bchw,cr->brhw", x0, factors) + bias
 
 
 def check_vae(model, vae) -> None:
@@ -338,6 +357,40 @@ def check_guide_model(model, guide) -> None:
     if la and lb and la != lb:
         raise GFCGInputError(f"guide_model: it takes {lb} class labels, the main model {la}; autoguidance needs a "
                              "guide trained on the same classes")
+
+
+def additional_models(classifier, vae, decode: str) -> list:
+    """The patchers ComfyUI should load with the main model: the classifier, and the VAE where its
+    decoder runs during sampling (not for decode = taesd / latent_rgb, nor the pixel_space VAE,
+    which decodes nothing: pixel-space x0 is mapped as it is)."""
+    extra = [classifier.patcher]
+    pixel = vae is not None and getattr(vae, "latent_channels", None) == 3 and getattr(vae, "downscale_ratio", 8) == 1
+    if vae is not None and getattr(vae, "patcher", None) is not None and decode == "vae" and not pixel:
+        extra.append(vae.patcher)
+    return extra
+
+
+def single_device(patcher):
+    """``patcher`` without per-GPU clones of its own (ComfyUI's MultiGPU CFG Split, v0.33+): a guide
+    model runs on the main device. Its clones would otherwise join the main model's split."""
+    if not getattr(patcher, "get_additional_models_with_key", None) or not patcher.get_additional_models_with_key("multigpu"):
+        return patcher
+    log.warning("guide_model: its MultiGPU CFG Split is not used; the guide runs on %s", patcher.load_device)
+    p = patcher.clone()
+    p.remove_additional_models("multigpu")
+    return p
+
+
+# model_options keys of ComfyUI's multi-GPU split (v0.33+): they describe the MAIN model's clones
+_MULTIGPU_KEYS = ("multigpu_clones", "multigpu_thread_pool")
+
+
+def guide_options(model_options: dict) -> dict:
+    """The model options for the guide model's evaluations: the main model's multi-GPU clones
+    removed (ComfyUI would otherwise run the main network's clones on the guide's branches)."""
+    if not any(k in model_options for k in _MULTIGPU_KEYS):
+        return model_options
+    return {k: v for k, v in model_options.items() if k not in _MULTIGPU_KEYS}
 
 
 def check_finite_latent(latent_image: torch.Tensor) -> None:
@@ -433,14 +486,13 @@ class GFCGGuider(comfy.samplers.CFGGuider):
                            decode_resolution=decode_resolution)
         check_vae(model_patcher.model, vae)
         mp = model_patcher.clone()
-        extra = [classifier.patcher]
-        if vae is not None and getattr(vae, "patcher", None) is not None and decode == "vae":
-            extra.append(vae.patcher)
+        extra = additional_models(classifier, vae, decode)
         if guide_patcher is not None:
             if guide_patcher.is_clone(model_patcher):
                 raise GFCGInputError("guide_model: it is the same network as the main model; autoguidance needs a "
                                      "separate, weaker model (e.g. EDM2 xs for s)")
             check_guide_model(model_patcher.model, guide_patcher.model)
+            guide_patcher = single_device(guide_patcher)
             extra.append(guide_patcher)
         mp.set_additional_models("gfcg", extra)
         super().__init__(mp)
@@ -546,8 +598,8 @@ class GFCGGuider(comfy.samplers.CFGGuider):
             return self._evaluate("main", self.inner_model, conds, x, timestep, model_options, branches)
 
         def guide(branches):
-            return self._evaluate("guide", self.guide_patcher.model, self.guide_conds, x, timestep, model_options,
-                                  branches)
+            return self._evaluate("guide", self.guide_patcher.model, self.guide_conds, x, timestep,
+                                  guide_options(model_options), branches)
 
         pre_cfg = pre_cfg_hooks(model_options, positive, negative, self.cfg, timestep, x, self.inner_model)
         res = self.engine.denoise(x, float(timestep.flatten()[0]), main, self._classify,

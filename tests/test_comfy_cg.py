@@ -176,9 +176,12 @@ def test_http_run_matches_headless_sampler_and_memory_stays_flat(server):
     assert growth < 24, rss
 
 
-@pytest.mark.parametrize("fmt_name", ["SD15", "SDXL", "EDM2"])
+@pytest.mark.parametrize("fmt_name", ["SD15", "SDXL", "EDM2", "Flux2"])
 def test_latent_rgb_decode_matches_comfyui_previewer(env, fmt_name):
-    """decode = latent_rgb shows the classifier what ComfyUI's latent-to-RGB preview shows."""
+    """decode = latent_rgb shows the classifier what ComfyUI's latent-to-RGB preview shows, formats
+    with a reshape of the latents first (Flux2's 128 channels, ComfyUI v0.33+) included."""
+    import inspect
+
     import numpy as np
 
     import comfy.latent_formats
@@ -187,6 +190,8 @@ def test_latent_rgb_decode_matches_comfyui_previewer(env, fmt_name):
     from comfyui_gfcg.edm2.comfy_model import EDM2LatentFormat
     from comfyui_gfcg.guiders.comfy_guider import PixelDecoder
 
+    if fmt_name != "EDM2" and not hasattr(comfy.latent_formats, fmt_name):
+        pytest.skip(f"this ComfyUI has no {fmt_name} latent format")
     fmt = EDM2LatentFormat() if fmt_name == "EDM2" else getattr(comfy.latent_formats, fmt_name)()
 
     class Model:
@@ -196,8 +201,17 @@ def test_latent_rgb_decode_matches_comfyui_previewer(env, fmt_name):
         def process_latent_out(x):
             return fmt.process_out(x)
 
-    x0 = torch.randn(1, 4, 8, 8) * 0.8
-    ours = PixelDecoder(env["cm"].taesd_vae(), "latent_rgb")(Model, x0)[0].permute(1, 2, 0)   # [H, W, 3]
-    prev = latent_preview.Latent2RGBPreviewer(fmt.latent_rgb_factors, getattr(fmt, "latent_rgb_factors_bias", None))
+    c = fmt.latent_channels
+    x0 = torch.randn(2, c, 8, 8) * 0.8
+    vae = env["cm"].taesd_vae()
+    vae.latent_channels = c            # only its channel count is read for latent_rgb
+    ours = PixelDecoder(vae, "latent_rgb")(Model, x0)[0].permute(1, 2, 0)   # [H, W, 3]
+    reshape = getattr(fmt, "latent_rgb_factors_reshape", None)
+    if fmt_name == "Flux2":
+        assert reshape is not None and ours.shape[:2] == (16, 16)   # un-patchified: twice the side
+    extra = ({"latent_rgb_factors_reshape": reshape}
+             if "latent_rgb_factors_reshape" in inspect.signature(latent_preview.Latent2RGBPreviewer).parameters else {})
+    prev = latent_preview.Latent2RGBPreviewer(fmt.latent_rgb_factors, getattr(fmt, "latent_rgb_factors_bias", None),
+                                              **extra)
     theirs = torch.from_numpy(np.asarray(prev.decode_latent_to_preview(x0))).float() / 255
     assert (ours - theirs).abs().max() <= 1.01 / 255        # equal up to the preview's uint8 rounding

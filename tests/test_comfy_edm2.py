@@ -271,3 +271,42 @@ def test_weight_dtypes(env):
         with torch.inference_mode():
             d = p.model.apply_model(torch.randn(1, 4, 16, 16), torch.tensor([1.0]), y=torch.eye(1000)[:1])
         assert d.dtype == torch.float32 and torch.isfinite(d).all()
+
+
+def test_latent_formats_declare_their_spatial_ratio(env):
+    """ComfyUI (v0.33+) resizes an empty latent by the ratio it was made for over the model's
+    format's ``spacial_downscale_ratio``: Empty Latent Image at 64 x 64 (made for x8 VAEs) becomes a
+    64 x 64 pixel canvas for the img64 (pixel-space) model and stays 8 x 8 for img512 latents."""
+    import inspect
+
+    import comfy.sample
+    import nodes as comfy_nodes
+
+    if "downscale_ratio_spacial" not in inspect.signature(comfy.sample.fix_empty_latent_channels).parameters:
+        pytest.skip("this ComfyUI does not resize empty latents by the format's ratio")
+    empty = comfy_nodes.EmptyLatentImage().generate(64, 64, 1)[0]
+    pixel, latent = load(env, "edm2-img64-tiny"), load(env, "edm2-img512-tiny")
+    assert pixel.model.latent_format.spacial_downscale_ratio == 1
+    assert latent.model.latent_format.spacial_downscale_ratio == 8
+    fixed = comfy.sample.fix_empty_latent_channels(pixel, empty["samples"], empty.get("downscale_ratio_spacial"))
+    assert tuple(fixed.shape) == (1, 3, 64, 64)
+    fixed = comfy.sample.fix_empty_latent_channels(latent, empty["samples"], empty.get("downscale_ratio_spacial"))
+    assert tuple(fixed.shape) == (1, 4, 8, 8)
+
+
+def test_edm2_patcher_can_be_loaded_again_by_comfyui(env):
+    """Newer ComfyUI reloads a model through its patcher's ``cached_patcher_init`` for the multi-GPU
+    split (``deepclone_multigpu``) and for non-dynamic delegates: the EDM2 loader names itself, and the
+    reload is a fresh network with the same weights and the same output."""
+    p = load(env, "edm2-img512-tiny")
+    fn, args = p.cached_patcher_init[:2]
+    q = fn(*args, disable_dynamic=True)
+    assert q.model is not p.model and q.model.diffusion_model is not p.model.diffusion_model
+    x, s, y = torch.randn(1, 4, 16, 16), torch.tensor([1.0]), torch.eye(1000)[:1]
+    with torch.inference_mode():
+        assert torch.equal(p.model.apply_model(x, s, y=y), q.model.apply_model(x, s, y=y))
+    if hasattr(p, "deepclone_multigpu"):   # v0.33+: ComfyUI's own deep clone, onto the same (CPU) device
+        c = p.deepclone_multigpu(new_load_device=p.load_device)
+        assert c.model is not p.model
+        with torch.inference_mode():
+            assert torch.equal(p.model.apply_model(x, s, y=y), c.model.apply_model(x, s, y=y))

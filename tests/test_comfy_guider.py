@@ -373,7 +373,8 @@ def test_classifier_vae_and_guide_load_with_the_model(env):
     g = node(env, "GFCGCombiner", gfcg=gfcg(env, m, cm.label_cond(3), tau=1.0, vae=vae), combine_with="autoguidance",
              mode="swap", scale=2.0, guide_model=weak)
     extra = g.model_patcher.get_nested_additional_models()
-    assert env["clf"].patcher in extra and vae.patcher in extra and weak in extra
+    assert env["clf"].patcher in extra and weak in extra
+    assert vae.patcher not in extra          # the pixel_space VAE decodes nothing: pixel x0 is shown as it is
     sample(g, steps=2)
     loaded = mm.loaded_models()
     assert any(p is env["clf"].patcher for p in loaded) and any(p is weak for p in loaded)
@@ -396,3 +397,29 @@ def test_every_builtin_sampler_runs(env):
         except Exception as e:  # collect all, report together
             failures[name] = repr(e)[:200]
     assert not failures, failures
+
+
+def test_multigpu_split_keeps_to_the_main_model(env):
+    """ComfyUI's MultiGPU CFG Split (v0.33+) describes the MAIN model's per-GPU clones: the guide's
+    evaluations run without them, a guide's own clones are not joined to the main model's split,
+    and the classifier can be cloned per GPU (its patcher names a factory, as core loaders do)."""
+    from comfyui_gfcg.guiders.comfy_guider import guide_options, single_device
+
+    opts = {"transformer_options": {}, "multigpu_clones": {"cuda:1": object()}, "multigpu_thread_pool": object()}
+    assert guide_options(opts) == {"transformer_options": {}} and "multigpu_clones" in opts
+    plain = {"transformer_options": {}}
+    assert guide_options(plain) is plain
+    cm = env["cm"]
+    weak, _ = cm.tiny_model(seed=1, width=8)
+    assert single_device(weak) is weak
+    split = weak.clone()
+    split.set_additional_models("multigpu", [weak.clone()])
+    guide = single_device(split)
+    assert guide.get_additional_models_with_key("multigpu") == [] and split.get_additional_models_with_key("multigpu")
+    clf = env["clf"]
+    fn, args = clf.patcher.cached_patcher_init[:2]
+    copy = fn(*args, disable_dynamic=True)
+    assert copy.model is not clf.patcher.model
+    x = torch.rand(2, 3, 16, 16)
+    with torch.inference_mode():
+        assert torch.equal(copy.model(x), clf.patcher.model(x))

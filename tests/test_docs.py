@@ -61,3 +61,20 @@ def test_pyproject_has_registry_metadata():
     comfy = meta["tool"]["comfy"]
     assert comfy["PublisherId"] and comfy["DisplayName"]
     assert meta["project"]["name"] and meta["project"]["version"] and meta["project"]["description"]
+    # the licence: a LICENSE file that is the one declared
+    assert meta["project"]["license"] == {"file": "LICENSE"}
+    assert (REPO / "LICENSE").read_text().startswith("MIT License")
+    assert "License :: OSI Approved :: MIT License" in meta["project"]["classifiers"]
+    assert any(c.startswith("Operating System ::") for c in meta["project"]["classifiers"])
+    assert any(c.startswith("Environment :: GPU ::") for c in meta["project"]["classifiers"])
+    # the icon is the committed file, at the repository's raw address
+    repo = meta["project"]["urls"]["Repository"].replace("https://github.com/", "")
+    assert comfy["Icon"] == f"https://raw.githubusercontent.com/{repo}/main/docs/icon.png"
+    assert (REPO / "docs" / "icon.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # requires-comfyui: registry format (x.y.z parts), admitting both versions CI runs and 0.38
+    from packaging.specifiers import SpecifierSet
+
+    req = comfy["requires-comfyui"]
+    assert all(re.fullmatch(r"(==|>=|<=|!=|~=|>|<)?\d+\.\d+\.\d+", part) for part in req.split(",")), req
+    spec = SpecifierSet(req)
+    assert all(v in spec for v in ("0.3.64", "0.33.0", "0.38.1")) and "0.3.63" not in spec
