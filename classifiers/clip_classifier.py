@@ -7,19 +7,31 @@ the head is open_clip's ``build_zero_shot_classifier`` (its tokenizer, template 
 normalisation), the logits are ``exp(logit_scale) * normalize(encode_image(x)) @ head (+ bias)``,
 exactly the model's own image-text logits. The text tower is dropped after the head is built.
 
-Results are cached per (checkpoint file and its mtime/size, architecture, class list, templates).
+Preprocessing is the checkpoint family's, as open_clip's eval transform gives it for
+``create_model_and_transforms(architecture, pretrained=TAG)`` (:func:`preprocess_config`): the
+pretrained tag's mean, std, interpolation and resize mode (SigLIP: 0.5 mean/std and ``squash``;
+DFN-5B: ``squash``; OpenAI/LAION: CLIP mean/std and ``shortest``). Without a tag, the values every
+tag of the architecture shares, or an error naming ``pretrained`` where its tags differ; explicit
+mean/std/resize mode/interpolation override. Nothing is downloaded: only the tables are read.
+:class:`ZeroShotClassifier` applies it to tensors exactly as torchvision's Resize/CenterCrop do.
+
+Results are cached per (checkpoint file and its mtime/size, architecture, class list, templates,
+preprocessing).
 """
 from __future__ import annotations
 
+import math
 import os
+import re
 from collections import OrderedDict
-from typing import List, Sequence, Tuple
+from dataclasses import asdict
+from typing import Any, Dict, List, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
 from ..guiders.config import GFCGInputError
-from .timm_classifier import DataConfig, ImageClassifier
+from .timm_classifier import DataConfig, ImageClassifier, straight_through_clamp
 from .vocab import imagenet_class_names
 
 CLIP_EXTENSIONS = (".safetensors", ".pt", ".pth", ".bin")
@@ -27,6 +39,9 @@ TEMPLATE_SETS = ("openai imagenet (80)", "simple imagenet (18)", "a photo of a {
 CLASS_SOURCES = ("imagenet-1k", "list", "file")
 MAX_TEMPLATES = 1000
 MAX_TEMPLATE_CHARS = 300
+RESIZE_MODES = ("auto", "shortest", "squash")          # open_clip's inference resize modes the pack runs
+INTERPOLATIONS = ("auto", "bicubic", "bilinear")
+PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")
 _CACHE: "OrderedDict[tuple, ImageClassifier]" = OrderedDict()
 _CACHE_SIZE = 4
 
@@ -109,16 +124,139 @@ class ZeroShotNet(torch.nn.Module):
         return logits if self.bias is None else logits + self.bias
 
 
-def _data_config(model) -> DataConfig:
+def _channels(value: Union[str, Sequence[float], None], input_name: str, positive: bool = False):
+    """Three per-channel numbers from '0.5, 0.5, 0.5' / '0.5' / a sequence; None when empty."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    example = "'0.5, 0.5, 0.5' (SigLIP) or '0.48145466, 0.4578275, 0.40821073' (OpenAI CLIP)"
+    try:
+        parts = [float(v) for v in (re.split(r"[\s,;]+", value.strip().strip("()[]")) if isinstance(value, str)
+                                    else list(value)) if v != ""]
+    except (TypeError, ValueError):
+        raise GFCGInputError(f"{input_name}: {value!r} is not a list of numbers; give three (R, G, B) or one for "
+                             f"all channels, e.g. {example}") from None
+    if len(parts) == 1:
+        parts = parts * 3
+    if len(parts) != 3:
+        raise GFCGInputError(f"{input_name}: give three numbers (R, G, B) or one for all channels, not {len(parts)}; "
+                             f"e.g. {example}")
+    if not all(math.isfinite(v) for v in parts) or (positive and not all(v > 0 for v in parts)):
+        raise GFCGInputError(f"{input_name}: {value!r} must be finite numbers{' above 0' if positive else ''}")
+    return tuple(parts)
+
+
+def _family_cfg(cfg: Dict[str, Any]) -> Tuple:
+    mean, std = cfg["mean"], cfg["std"]
+    mean = tuple(float(v) for v in (mean if isinstance(mean, (list, tuple)) else (mean,) * 3))
+    std = tuple(float(v) for v in (std if isinstance(std, (list, tuple)) else (std,) * 3))
+    interp = cfg.get("interpolation") or "bicubic"
+    return mean, std, "bicubic" if interp == "random" else interp, cfg.get("resize_mode") or "shortest"
+
+
+def _describe(cfg: Tuple) -> str:
+    from open_clip.constants import INCEPTION_MEAN, OPENAI_DATASET_MEAN
+
+    mean = {tuple(OPENAI_DATASET_MEAN): "OpenAI CLIP", tuple(INCEPTION_MEAN): "0.5"}.get(cfg[0], str(cfg[0]))
+    return f"mean/std {mean}, {cfg[3]}, {cfg[2]}"
+
+
+def preprocess_config(architecture: str, pretrained: str = "", image_mean=None, image_std=None,
+                      resize_mode: str = "auto", interpolation: str = "auto") -> Dict[str, Any]:
+    """The checkpoint family's preprocessing ({mean, std, interpolation, resize_mode}), from open_clip's
+    tables without downloading, as ``create_model(architecture, pretrained=TAG)`` sets it: open_clip's
+    defaults (``PreprocessCfg``: OpenAI mean/std, bicubic, shortest) under the pretrained tag's config
+    (``get_pretrained_cfg``). With no tag, the config all the architecture's tags share (an error
+    naming ``pretrained`` when they differ in anything the explicit values leave open; an
+    architecture without tags keeps the defaults). Explicit values override last. (Built-in model
+    configs carry no preprocessing: open_clip's model classes refuse a ``preprocess_cfg`` key.)"""
+    import open_clip
     from open_clip.transform import PreprocessCfg
 
+    def merge(cfg, overlay):   # open_clip's merge_preprocess_dict, for the keys the pack runs
+        return {**cfg, **{k: v for k, v in (overlay or {}).items() if k in PREPROCESS_KEYS and v is not None}}
+
+    if architecture not in open_clip.list_models():
+        raise GFCGInputError(f"architecture: {architecture!r} is not an open_clip architecture "
+                             f"(open_clip.list_models(), e.g. ViT-B-32)")
+    if resize_mode not in RESIZE_MODES:
+        raise GFCGInputError(f"resize_mode: {resize_mode!r} is not one of {', '.join(RESIZE_MODES)}")
+    if interpolation not in INTERPOLATIONS:
+        raise GFCGInputError(f"interpolation: {interpolation!r} is not one of {', '.join(INTERPOLATIONS)}")
+    override = {"mean": _channels(image_mean, "image_mean"), "std": _channels(image_std, "image_std", positive=True),
+                "resize_mode": None if resize_mode == "auto" else resize_mode,
+                "interpolation": None if interpolation == "auto" else interpolation}
+    base = merge({}, asdict(PreprocessCfg()))
+    tags = open_clip.list_pretrained_tags_by_model(architecture)
+    tag = (pretrained or "").strip()
+    if tag:
+        if not open_clip.is_pretrained_cfg(architecture, tag):
+            known = f"its tags: {', '.join(tags)}" if tags else "it has none; leave pretrained empty"
+            raise GFCGInputError(f"pretrained: {tag!r} is not an open_clip pretrained tag of {architecture} ({known})")
+        tags = [tag]
+    families: Dict[Tuple, List[str]] = {}
+    for t in tags or [""]:
+        cfg = merge(base, open_clip.get_pretrained_cfg(architecture, t) if t else {})
+        families.setdefault(_family_cfg(merge(cfg, override)), []).append(t)
+    if len(families) > 1:
+        groups = "; ".join(f"{', '.join(ts[:4])}{f' and {len(ts) - 4} more' if len(ts) > 4 else ''}: {_describe(f)}"
+                           for f, ts in families.items())
+        raise GFCGInputError(f"pretrained: {architecture} checkpoints differ in preprocessing ({groups}); set "
+                             f"pretrained to the tag of this checkpoint (or set image_mean, image_std, resize_mode "
+                             f"and interpolation)")
+    mean, std, interp, mode = next(iter(families))
+    if mode not in ("shortest", "squash"):
+        raise GFCGInputError(f"resize_mode: {architecture} preprocesses with resize mode {mode!r}, which this pack "
+                             f"does not run; set resize_mode to shortest or squash")
+    if interp not in ("bicubic", "bilinear"):
+        raise GFCGInputError(f"interpolation: {architecture} preprocesses with {interp!r}; set interpolation to "
+                             f"bicubic or bilinear")
+    return {"mean": mean, "std": std, "interpolation": interp, "resize_mode": mode}
+
+
+def _data_config(model, preprocess: Dict[str, Any] = None) -> DataConfig:
+    """The classifier's data config: the model's input size, the family's preprocessing
+    (``preprocess``, from :func:`preprocess_config`; default the model's own, open_clip's defaults)."""
     from open_clip.model import get_model_preprocess_cfg
+    from open_clip.transform import PreprocessCfg
 
     cfg = PreprocessCfg(**get_model_preprocess_cfg(model))
     size = cfg.size if isinstance(cfg.size, (tuple, list)) else (cfg.size, cfg.size)
-    return DataConfig(input_size=(3, int(size[0]), int(size[1])), interpolation=cfg.interpolation, crop_pct=1.0,
-                      crop_mode="squash" if cfg.resize_mode == "squash" else "center",
-                      mean=tuple(cfg.mean), std=tuple(cfg.std))
+    p = preprocess or dict(zip(PREPROCESS_KEYS, _family_cfg(asdict(cfg))))
+    return DataConfig(input_size=(3, int(size[0]), int(size[1])), interpolation=p["interpolation"], crop_pct=1.0,
+                      crop_mode="squash" if p["resize_mode"] == "squash" else "center",
+                      mean=tuple(p["mean"]), std=tuple(p["std"]))
+
+
+class ZeroShotClassifier(ImageClassifier):
+    """An :class:`ImageClassifier` whose preprocessing is open_clip's eval transform on tensors, to the
+    pixel: ``squash`` resizes to the input size; ``shortest`` is torchvision's ``Resize(size)``
+    (long side ``int(size * long / short)``) and ``CenterCrop`` (offsets ``round((h - size) / 2)``),
+    or open_clip's ``ResizeKeepRatio`` (bicubic, rounded) for a non-square input size. Bicubic
+    overshoot is clamped to [0, 1] as on open_clip's PIL path (straight-through for gradients)."""
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        dc = self.data_config
+        th, tw = int(dc.input_size[1]), int(dc.input_size[2])
+        x = images.float()
+        h, w = x.shape[-2:]
+        mode = dc.interpolation if dc.interpolation in ("bilinear", "bicubic") else "bicubic"
+        if dc.crop_mode == "squash":
+            size = (th, tw)
+        elif th == tw:
+            short, long = min(h, w), max(h, w)
+            new_long = int(th * long / short)
+            size = (new_long, th) if w <= h else (th, new_long)
+        else:
+            ratio = min(h / th, w / tw)
+            size, mode = (round(h / ratio), round(w / ratio)), "bicubic"
+        if tuple(size) != (h, w):
+            x = F.interpolate(x, size=tuple(size), mode=mode, align_corners=False, antialias=True)
+            x = straight_through_clamp(x)
+        sh, sw = x.shape[-2:]
+        if (sh, sw) != (th, tw):
+            top, left = int(round((sh - th) / 2.0)), int(round((sw - tw) / 2.0))
+            x = x[..., top:top + th, left:left + tw]
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)
 
 
 def _check_weights_only(path: str) -> None:
@@ -153,9 +291,11 @@ def _check_prompt_lengths(tokenizer, architecture: str, prompts: Sequence[str], 
 
 def load_zero_shot_classifier(path: str, architecture: str, class_names: Sequence[str],
                               templates: Sequence[str], prompt_names: Sequence[str] = None,
-                              name: str = "") -> ImageClassifier:
+                              name: str = "", pretrained: str = "", image_mean=None, image_std=None,
+                              resize_mode: str = "auto", interpolation: str = "auto") -> ImageClassifier:
     """A zero-shot :class:`ImageClassifier` over ``class_names`` (its vocabulary); prompts use
-    ``prompt_names`` (default: each name's first synonym) in every template."""
+    ``prompt_names`` (default: each name's first synonym) in every template. Preprocessing:
+    :func:`preprocess_config` of (``architecture``, ``pretrained``, the explicit values)."""
     import open_clip
 
     base = os.path.basename(path)
@@ -164,16 +304,14 @@ def load_zero_shot_classifier(path: str, architecture: str, class_names: Sequenc
     if os.path.splitext(path)[1].lower() not in CLIP_EXTENSIONS:
         raise GFCGInputError(f"clip_name: {base!r} is not one of {', '.join(CLIP_EXTENSIONS)} (nothing else is "
                              f"loaded, for safety)")
-    if architecture not in open_clip.list_models():
-        raise GFCGInputError(f"architecture: {architecture!r} is not an open_clip architecture "
-                             f"(open_clip.list_models(), e.g. ViT-B-32)")
+    preprocess = preprocess_config(architecture, pretrained, image_mean, image_std, resize_mode, interpolation)
     class_names = list(class_names)
     prompts = list(prompt_names) if prompt_names is not None else [prompt_name(n) for n in class_names]
     if len(prompts) != len(class_names):
         raise GFCGInputError(f"class names: {len(class_names)} names but {len(prompts)} prompt names")
     st = os.stat(path)
     key = (os.path.realpath(path), st.st_mtime_ns, st.st_size, architecture, tuple(class_names), tuple(prompts),
-           tuple(templates))
+           tuple(templates), tuple(preprocess[k] for k in PREPROCESS_KEYS))
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return _CACHE[key]
@@ -197,7 +335,7 @@ def load_zero_shot_classifier(path: str, architecture: str, class_names: Sequenc
         head = open_clip.build_zero_shot_classifier(model, tokenizer, prompts, list(templates),
                                                     num_classes_per_batch=10, device="cpu", use_tqdm=False)
     net = ZeroShotNet(model.visual, head, model.logit_scale, getattr(model, "logit_bias", None))
-    clf = ImageClassifier(net, _data_config(model), class_names, name=name or f"{base} ({architecture})")
+    clf = ZeroShotClassifier(net, _data_config(model, preprocess), class_names, name=name or f"{base} ({architecture})")
     _CACHE[key] = clf
     while len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)

@@ -5,8 +5,8 @@ import os
 
 import folder_paths
 
-from ..classifiers.clip_classifier import (CLASS_SOURCES, TEMPLATE_SETS, class_names_for, load_zero_shot_classifier,
-                                           templates_for)
+from ..classifiers.clip_classifier import (CLASS_SOURCES, INTERPOLATIONS, RESIZE_MODES, TEMPLATE_SETS, class_names_for,
+                                           load_zero_shot_classifier, preprocess_config, templates_for)
 from ..classifiers.comfy_classifier import (CLASS_LIST_FOLDER_KEY, CLIP_FOLDER_KEY, FOLDER_KEY, ComfyClassifier,
                                             register_folder)
 from ..classifiers.timm_classifier import load_timm_classifier, read_sidecar
@@ -101,8 +101,10 @@ class LoadZeroShotClassifier(io.ComfyNode):
             description="Turns a local open_clip checkpoint into an image classifier over any list of classes: the "
                         "class names go through prompt templates and open_clip's own tokenizer and text tower into a "
                         "zero-shot head (open_clip's build_zero_shot_classifier); logits are the model's image-text "
-                        "logits. Plugs into GFCG and gradient guidance like a timm classifier. Heads are cached per "
-                        "checkpoint, class list and templates.",
+                        "logits. Images are preprocessed as open_clip does for the checkpoint's family (the "
+                        "pretrained tag's mean, std and resize mode: SigLIP 0.5 and squash, OpenAI CLIP mean/std and "
+                        "shortest side). Plugs into GFCG and gradient guidance like a timm classifier. Heads are "
+                        "cached per checkpoint, class list, templates and preprocessing.",
             inputs=[
                 io.Combo.Input("clip_name", options=folder_paths.get_filename_list(CLIP_FOLDER_KEY),
                                tooltip="open_clip checkpoint in models/gfcg_clip: .safetensors, or a weights-only "
@@ -126,6 +128,25 @@ class LoadZeroShotClassifier(io.ComfyNode):
                                        "templates, its 18 simple ones, the single 'a photo of a {}.', or custom."),
                 io.String.Input("custom_templates", default="a photo of a {}.", multiline=True, optional=True,
                                 tooltip="For templates = custom: one template per line, {} is the class name."),
+                io.String.Input("pretrained", default="", optional=True,
+                                tooltip="The checkpoint's open_clip pretrained tag (open_clip.list_pretrained_tags_by_"
+                                        "model), e.g. 'webli' (SigLIP), 'dfn5b', 'openai', 'laion2b_s34b_b79k': its "
+                                        "mean, std, interpolation and resize mode preprocess the images (nothing is "
+                                        "downloaded). Empty: the values all the architecture's tags share; an error "
+                                        "lists the tags where they differ (e.g. ViT-H-14: LAION/MetaCLIP vs DFN-5B)."),
+                io.String.Input("image_mean", default="", optional=True,
+                                tooltip="Overrides the normalisation mean: three numbers (R, G, B) or one for all, "
+                                        "e.g. '0.5, 0.5, 0.5'. Empty: from pretrained / the architecture."),
+                io.String.Input("image_std", default="", optional=True,
+                                tooltip="Overrides the normalisation std (numbers above 0), e.g. '0.5, 0.5, 0.5'. "
+                                        "Empty: from pretrained / the architecture."),
+                io.Combo.Input("resize_mode", options=list(RESIZE_MODES), default="auto", optional=True,
+                               tooltip="Overrides how images reach the tower's input size: shortest (short side to "
+                                       "the size, centre crop; OpenAI/LAION) or squash (both sides to the size, no "
+                                       "crop; SigLIP, DFN-5B). auto: from pretrained / the architecture."),
+                io.Combo.Input("interpolation", options=list(INTERPOLATIONS), default="auto", optional=True,
+                               tooltip="Overrides the resize filter (bicubic for most open_clip checkpoints). auto: "
+                                       "from pretrained / the architecture."),
             ],
             outputs=[ClassifierType.Output(display_name="CLASSIFIER",
                                            tooltip="The zero-shot classifier, managed by ComfyUI like a model.")],
@@ -133,9 +154,17 @@ class LoadZeroShotClassifier(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, clip_name, class_source, class_list="", class_file=NO_FILE, templates="openai imagenet (80)",
-                        custom_templates="", **_other):
-        if _other.get("architecture") == NO_OPEN_CLIP:
+                        custom_templates="", pretrained=None, image_mean=None, image_std=None, resize_mode=None,
+                        interpolation=None, **_other):
+        architecture = _other.get("architecture")
+        if architecture == NO_OPEN_CLIP:
             return "architecture: open_clip is not installed; pip install open_clip_torch"
+        preprocessing = (architecture, pretrained, image_mean, image_std, resize_mode, interpolation)
+        if None not in preprocessing:   # linked (or omitted) values are checked when the node runs
+            try:
+                preprocess_config(*preprocessing)
+            except GFCGInputError as e:
+                return str(e)
         if folder_paths.get_full_path(CLIP_FOLDER_KEY, clip_name) is None:
             roots = ", ".join(folder_paths.get_folder_paths(CLIP_FOLDER_KEY))
             return f"clip_name: file {clip_name!r} not found in {roots}"
@@ -152,7 +181,8 @@ class LoadZeroShotClassifier(io.ComfyNode):
 
     @classmethod
     def execute(cls, clip_name, architecture, class_source, class_list="", class_file=NO_FILE,
-                templates="openai imagenet (80)", custom_templates="") -> io.NodeOutput:
+                templates="openai imagenet (80)", custom_templates="", pretrained="", image_mean="", image_std="",
+                resize_mode="auto", interpolation="auto") -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise(CLIP_FOLDER_KEY, clip_name)
         file_path = None
         if class_source == "file" and class_file not in (None, "", NO_FILE):
@@ -160,7 +190,9 @@ class LoadZeroShotClassifier(io.ComfyNode):
         try:
             names, prompts = class_names_for(class_source, class_list, file_path)
             clf = load_zero_shot_classifier(path, architecture, names, templates_for(templates, custom_templates),
-                                            prompt_names=prompts, name=f"{clip_name} ({architecture})")
+                                            prompt_names=prompts, name=f"{clip_name} ({architecture})",
+                                            pretrained=pretrained, image_mean=image_mean, image_std=image_std,
+                                            resize_mode=resize_mode, interpolation=interpolation)
         except GFCGInputError as e:
             raise ValueError(str(e)) from None
         return io.NodeOutput(ComfyClassifier(clf))

@@ -8,6 +8,7 @@ import torch
 
 open_clip = pytest.importorskip("open_clip")
 
+from comfyui_gfcg.classifiers import clip_classifier  # noqa: E402
 from comfyui_gfcg.classifiers.clip_classifier import (class_names_for, load_zero_shot_classifier,  # noqa: E402
                                                       parse_class_list, prompt_name, templates_for)
 from comfyui_gfcg.guiders.config import GFCGInputError  # noqa: E402
@@ -134,3 +135,118 @@ def test_bad_files_and_architectures(tiny, tmp_path):
     bad.write_bytes(b"0")
     with pytest.raises(GFCGInputError, match="not one of"):
         load_zero_shot_classifier(str(bad), ARCH, CLASSES, ["{}"])
+
+
+# --- preprocessing: the checkpoint family's, as open_clip's own eval transform gives it ----------------------------
+
+# a checkpoint family: (a real architecture, its pretrained tag); open_clip's pretrained config for it
+# carries the family's mean, std, interpolation and resize mode (nothing is downloaded)
+FAMILIES = {"siglip": ("ViT-B-16-SigLIP", "webli"),            # 0.5 mean/std, squash
+            "siglip2": ("ViT-B-16-SigLIP2", "webli"),
+            "dfn": ("ViT-H-14-378-quickgelu", "dfn5b"),       # OpenAI mean/std, squash
+            "clipa": ("ViT-L-14-CLIPA-336", "datacomp1b"),    # ImageNet mean/std, squash, bilinear
+            "openai": ("ViT-B-32-quickgelu", "openai")}       # OpenAI mean/std, shortest side + centre crop
+PP_KEYS = ("mean", "std", "interpolation", "resize_mode")
+# non-square inputs: down (wide, tall), a long side whose scaled size rounds up (32 * 79 / 50 = 50.56:
+# torchvision takes 50) with an odd crop margin, and up
+SHAPES = [(48, 80), (50, 79), (83, 47), (20, 30)]
+
+
+def family_cfg(family):
+    cfg = open_clip.get_pretrained_cfg(*FAMILIES[family])
+    return {k: cfg[k] for k in PP_KEYS}
+
+
+def smooth_images(h, w, n=2):
+    """Smooth images inside (0.1, 0.9), so no resize overshoots [0, 1] (the pack clamps it, as on
+    open_clip's PIL path; a float tensor through torchvision is not clamped)."""
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+    imgs = [torch.stack([yy, xx, 0.5 + 0.5 * torch.sin(3.0 * (xx + i) + 2.0 * yy)], 0) for i in range(n)]
+    return 0.1 + 0.8 * torch.stack(imgs)
+
+
+def open_clip_transform(arch, cfg):
+    """open_clip's own eval transform: create_model_and_transforms(arch, pretrained=None) with the
+    family's preprocessing config."""
+    _, _, pre = open_clip.create_model_and_transforms(
+        arch, pretrained=None, image_mean=cfg["mean"], image_std=cfg["std"],
+        image_interpolation=cfg["interpolation"], image_resize_mode=cfg["resize_mode"])
+    return pre
+
+
+def check_preprocessing(clf, pre, model, label):
+    """The classifier's preprocessing equals open_clip's transform ``pre`` on non-square inputs, and its
+    logits are the model's image-text logits on open_clip's preprocessed images."""
+    texts = open_clip.get_tokenizer(ARCH)([f"a photo of a {prompt_name(c)}." for c in CLASSES])
+    for h, w in SHAPES:
+        images = smooth_images(h, w)
+        ref = torch.stack([pre(im) for im in images])
+        ours = clf.preprocess(images)
+        assert ours.shape == ref.shape == (2, 3, 32, 32), (label, h, w)
+        torch.testing.assert_close(ours, ref, rtol=0, atol=2e-5, msg=lambda m: f"{label} {h}x{w}: {m}")
+        with torch.no_grad():
+            direct, _ = model.get_logits(ref, texts)
+        torch.testing.assert_close(clf(images), direct, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_preprocessing_equals_open_clip_transforms_per_family(family, tiny):
+    """The family's preprocessing as the pack resolves it for the real architecture and tag (open_clip's
+    tables; the real models are too big for a test), run by the loader on the tiny model, against
+    open_clip's own transform with the family's config."""
+    path, model, _ = tiny
+    cfg = clip_classifier.preprocess_config(*FAMILIES[family])
+    assert cfg == family_cfg(family)
+    clf = load_zero_shot_classifier(path, ARCH, CLASSES, ["a photo of a {}."], image_mean=cfg["mean"],
+                                    image_std=cfg["std"], resize_mode=cfg["resize_mode"],
+                                    interpolation=cfg["interpolation"])
+    check_preprocessing(clf, open_clip_transform(ARCH, family_cfg(family)), model, family)
+
+
+def test_default_preprocessing_equals_open_clip_transform(tiny):
+    """No tag and no explicit values (an architecture without tags): open_clip's defaults, exactly
+    (torchvision's size and crop rounding on non-square inputs)."""
+    path, model, _ = tiny
+    _, _, pre = open_clip.create_model_and_transforms(ARCH, pretrained=None)
+    check_preprocessing(load_zero_shot_classifier(path, ARCH, CLASSES, ["a photo of a {}."]), pre, model, "default")
+
+
+def test_preprocess_config_per_architecture_and_tag():
+    pc = clip_classifier.preprocess_config
+    for family, (arch, tag) in FAMILIES.items():
+        assert pc(arch, tag) == family_cfg(family), family
+        assert pc(arch) == family_cfg(family), family          # the one family all its tags share
+    assert pc("ViT-B-16-SigLIP")["mean"] == (0.5, 0.5, 0.5) and pc("ViT-B-16-SigLIP")["resize_mode"] == "squash"
+    assert pc("ViT-H-14-quickgelu", "dfn5b")["resize_mode"] == "squash"
+    assert pc("ViT-H-14-quickgelu", "metaclip_fullcc")["resize_mode"] == "shortest"
+    assert pc("ViT-B-16-plus") == family_cfg("openai")         # no tags: open_clip's defaults
+    with pytest.raises(GFCGInputError, match=r"pretrained: ViT-H-14-quickgelu checkpoints differ.*dfn5b"):
+        pc("ViT-H-14-quickgelu")                                 # MetaCLIP (shortest) and DFN-5B (squash)
+    # explicit values override; they also settle tags that differ only in what they set
+    assert pc("ViT-H-14-quickgelu", resize_mode="squash") == family_cfg("dfn")
+    over = pc("ViT-B-32", "openai", image_mean="0.5", image_std="0.25, 0.5, 1", resize_mode="squash",
+              interpolation="bilinear")
+    assert over == {"mean": (0.5,) * 3, "std": (0.25, 0.5, 1.0), "interpolation": "bilinear", "resize_mode": "squash"}
+    for kw, name in [(dict(pretrained="laion5b"), "pretrained"), (dict(image_mean="a, b, c"), "image_mean"),
+                     (dict(image_mean="0.5, 0.5"), "image_mean"), (dict(image_std="0.5, 0, 0.5"), "image_std"),
+                     (dict(resize_mode="longest"), "resize_mode"), (dict(interpolation="nearest"), "interpolation")]:
+        with pytest.raises(GFCGInputError, match=f"^{name}: "):
+            pc("ViT-B-32", **kw)
+    with pytest.raises(GFCGInputError, match="^pretrained: .*it has none"):
+        pc("ViT-B-16-plus", "openai")
+    with pytest.raises(GFCGInputError, match="^architecture: "):
+        pc("no-such-arch")
+
+
+def test_loader_takes_the_tag_or_explicit_preprocessing(tiny):
+    path, model, _ = tiny
+    pre = open_clip_transform(ARCH, family_cfg("siglip"))
+    clf = load_zero_shot_classifier(path, ARCH, CLASSES, ["{}"], image_mean="0.5", image_std="0.5",
+                                    resize_mode="squash")
+    images = smooth_images(50, 79)
+    torch.testing.assert_close(clf.preprocess(images), torch.stack([pre(im) for im in images]), rtol=0, atol=2e-5)
+    plain = load_zero_shot_classifier(path, ARCH, CLASSES, ["{}"])
+    assert plain is not clf and plain.data_config.crop_mode == "center"     # cached per preprocessing
+    assert plain.data_config.mean == tuple(open_clip.constants.OPENAI_DATASET_MEAN)
+    with pytest.raises(GFCGInputError, match="^pretrained: 'webli' is not an open_clip pretrained tag"):
+        load_zero_shot_classifier(path, ARCH, CLASSES, ["{}"], pretrained="webli")

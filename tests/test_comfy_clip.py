@@ -74,3 +74,33 @@ def test_imagenet_class_picker(env):
     assert len(opts) == 1000 and opts[207].startswith("207: golden retriever")
     assert cls.execute(opts[207]).result == ("207", 207)
     assert cls.execute(opts[0]).result == ("0", 0)
+
+
+def test_loader_node_preprocessing_inputs(clip_env):
+    """The family's preprocessing through the node: explicit values run as open_clip's own transform;
+    the tag and the values are checked before the run, each error naming its input."""
+    from test_clip_classifier import family_cfg, open_clip_transform, smooth_images
+
+    cls = clip_env["env"]["reg"]["GFCGLoadZeroShotClassifier"]
+    inputs = {i.id: i for i in cls.GET_SCHEMA().inputs}
+    for name in ("pretrained", "image_mean", "image_std", "resize_mode", "interpolation"):
+        assert inputs[name].optional and inputs[name].tooltip, name
+    kw = dict(clip_name=clip_env["name"], architecture=clip_env["arch"], class_source="list",
+              class_list="\n".join(TEN), templates="a photo of a {}.", pretrained="", image_mean="0.5",
+              image_std="0.5, 0.5, 0.5", resize_mode="squash", interpolation="auto")
+    assert cls.validate_inputs(**kw) is True
+    with torch.inference_mode():
+        clf = cls.execute(**kw).result[0]
+    pre = open_clip_transform(clip_env["arch"], family_cfg("siglip"))
+    images = smooth_images(50, 79)
+    torch.testing.assert_close(clf.classifier.preprocess(images), torch.stack([pre(im) for im in images]),
+                               rtol=0, atol=2e-5)
+    # checked before the run (no file is read): tags per architecture, values per input
+    assert cls.validate_inputs(**dict(kw, architecture="ViT-B-16-SigLIP", pretrained="webli")) is True
+    assert cls.validate_inputs(**dict(kw, architecture="ViT-H-14-quickgelu", image_mean="", image_std="",
+                                      resize_mode="auto")).startswith("pretrained: ViT-H-14-quickgelu checkpoints")
+    assert cls.validate_inputs(**dict(kw, pretrained="webli")).startswith("pretrained: 'webli' is not")
+    assert cls.validate_inputs(**dict(kw, image_mean="0.5 0.5")).startswith("image_mean:")
+    assert cls.validate_inputs(**dict(kw, image_std="-1")).startswith("image_std:")
+    with pytest.raises(ValueError, match="^pretrained: "):
+        cls.execute(**dict(kw, pretrained="webli"))
