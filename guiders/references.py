@@ -5,7 +5,9 @@ Two sources, chosen by the guider node:
 * class-label models (EDM2, the testbed): the positive conditioning carries a one-hot
   ``class_labels`` tensor; the reference is the same conditioning with the label set to k;
 * text-to-image models: the class name is put into a prompt template ("a photo of a {}") and
-  encoded with the CLIP given to the node; encodings are cached per class.
+  encoded with the CLIP given to the node; the reference is the positive conditioning with only its
+  text part replaced by that encoding (:func:`replace_text`), so that the two branches differ in the
+  class alone; references are cached per class.
 
 Works on ComfyUI's CONDITIONING lists ``[[tensor, dict], ...]`` without importing ComfyUI.
 """
@@ -50,19 +52,86 @@ class LabelReference:
         return out
 
 
+# Keys of a CONDITIONING entry's dict that a text encoder writes (``CLIP.encode_from_tokens`` /
+# ``encode_from_tokens_scheduled``): the pooled output, the attention masks and the extra per-token
+# conditionings of multi-encoder models, and the CLIP schedule's range. They belong to the text part,
+# so they are dropped from the positive even when the reference encoding lacks them (encoders omit an
+# attention mask with nothing masked: the positive's mask would not fit the reference tokens). Any
+# other key that the reference encoding carries is text part too.
+TEXT_KEYS = frozenset({
+    "pooled_output", "attention_mask", "clip_start_percent", "clip_end_percent",
+    "conditioning_lyrics", "conditioning_mt5xl", "attention_mask_mt5xl", "conditioning_llama3",
+    "conditioning_byt5small",
+})
+# Keys an encoding may carry that are never text part: the hooks (a CLIP's ``apply_to_conds`` hooks
+# patch the diffusion model's weights); the reference takes the positive's, so both branches run the
+# same weights.
+MODEL_KEYS = frozenset({"hooks"})
+_CLIP_RANGE = ("clip_start_percent", "clip_end_percent")
+
+
+def _check_conditioning(conditioning, name: str) -> None:
+    if not isinstance(conditioning, (list, tuple)) or not all(
+            isinstance(c, (list, tuple)) and len(c) >= 2 and isinstance(c[1], dict) for c in conditioning):
+        raise GFCGInputError(f"{name}: not a CONDITIONING (a list of [tensor, dict] entries)")
+
+
+def _matching(d: dict, encoded) -> list:
+    """The entries of ``encoded`` for a positive entry ``d``: with a scheduled CLIP (hooks with
+    keyframes) both carry a CLIP range, and an entry gets the reference entry of its own range;
+    otherwise (or with no range in common) every entry of the encoding."""
+    if all(k in d for k in _CLIP_RANGE):
+        same = [e for e in encoded if all(k in e[1] and e[1][k] == d[k] for k in _CLIP_RANGE)]
+        if same:
+            return same
+    return list(encoded)
+
+
+def replace_text(positive, encoded) -> list:
+    """The positive CONDITIONING with its text part replaced by ``encoded`` (a fresh text encoding,
+    e.g. ``clip.encode_from_tokens_scheduled(tokens)``).
+
+    Per entry of ``positive``: the cross-attention tensor and the text keys (those ``encoded``
+    carries, and :data:`TEXT_KEYS`) come from the encoding; every other key of the entry is kept as
+    it is: size conditioning (SDXL's width/height/crop_w/crop_h/target_width/target_height), Flux's
+    ``guidance``, area/mask/strength/set_area_to_bounds, start_percent/end_percent, ControlNet and
+    GLIGEN, ``hooks`` (:data:`MODEL_KEYS`; an encoding's hooks are dropped) and any other. A positive
+    of several entries (ConditioningCombine, area conditioning) gives as many reference entries, each
+    with the SAME reference text: the reference asks for the class everywhere the positive asks for
+    its prompt. With a scheduled CLIP an entry gets the reference entry of its own CLIP range (see
+    :func:`_matching`), so the count is kept there too. The token count, and so the tensor's shape,
+    may differ from the positive's. Neither input is modified; tensors are shared, not copied."""
+    text = set(TEXT_KEYS)
+    for _, rd in encoded:
+        text.update(k for k in rd if k not in MODEL_KEYS)
+    out = []
+    for _, d in positive:
+        kept = {k: v for k, v in d.items() if k not in text}
+        for rt, rd in _matching(d, encoded):
+            out.append([rt, {**kept, **{k: v for k, v in rd.items() if k not in MODEL_KEYS}}])
+    return out
+
+
 class TextReference:
     """Reference conditioning for text models: ``template.format(name_k)`` encoded with ``clip``
-    (any object with ComfyUI's CLIP ``tokenize`` / ``encode_from_tokens_scheduled``), cached per class."""
+    (any object with ComfyUI's CLIP ``tokenize`` / ``encode_from_tokens_scheduled``) and put in place
+    of the text part of ``positive`` (:func:`replace_text`), cached per class. Without a positive
+    (``None``) the bare encoding is the reference."""
 
-    def __init__(self, clip, template: str, class_names: Sequence[str]):
+    def __init__(self, clip, template: str, class_names: Sequence[str], positive=None):
         if "{}" not in template:
             raise GFCGInputError(f"prompt_template: {template!r} must contain '{{}}' where the class name goes, "
                                  "e.g. 'a photo of a {}'")
         if len(template) > 2000:
             raise GFCGInputError(f"prompt_template: {len(template)} characters is too long (at most 2000)")
+        if positive is not None:
+            _check_conditioning(positive, "positive")
+            if len(positive) == 0:
+                raise GFCGInputError("positive: the conditioning is empty; connect the prompt's conditioning")
         self.clip = clip
         self.template = template
         self.class_names = list(class_names)
+        self.positive = positive
         self._cache: Dict[int, List] = {}
 
     def prompt(self, k: int) -> str:
@@ -72,5 +141,6 @@ class TextReference:
         k = int(k)
         if k not in self._cache:
             tokens = self.clip.tokenize(self.prompt(k))
-            self._cache[k] = self.clip.encode_from_tokens_scheduled(tokens)
+            encoded = self.clip.encode_from_tokens_scheduled(tokens)
+            self._cache[k] = encoded if self.positive is None else replace_text(self.positive, encoded)
         return self._cache[k]
