@@ -17,8 +17,8 @@ import torch
 import comfy.samplers
 
 from .callconv import named_arguments
-from .comfy_guider import (PixelDecoder, additional_models, check_finite_latent, check_vae, post_cfg_hooks,
-                           pre_cfg_hooks, report_trace)
+from .comfy_guider import (PixelDecoder, additional_models, check_finite_latent, check_vae, per_row_classes,
+                           post_cfg_hooks, pre_cfg_hooks, report_trace)
 from .config import GFCGInputError
 from .gradient import CGConfig, CGEngine, softplus_copy
 
@@ -47,6 +47,7 @@ class ClassifierGuidanceGuider(comfy.samplers.CFGGuider):
             conds["negative"] = negative
         self.inner_set_conds(conds)
         self.cfg = float(cfg)
+        self._positive = positive
 
     def inner_sample(self, *args, **kwargs):
         """Grad-capable copies for the run, then ComfyUI's own ``inner_sample`` with the arguments as
@@ -54,10 +55,16 @@ class ClassifierGuidanceGuider(comfy.samplers.CFGGuider):
         a = named_arguments(comfy.samplers.CFGGuider.inner_sample, args, kwargs)
         sigmas = a["sigmas"]
         check_finite_latent(a["latent_image"])
+        rows = per_row_classes(self._positive, int(a["noise"].shape[0]))
+        num = self.classifier.classifier.num_classes
+        if rows is not None and int(rows.max()) >= num:
+            raise GFCGInputError(f"positive: per-image class {int(rows.max())} is out of range for the classifier's "
+                                 f"{num} classes")
+        self.engine.desired_rows = rows
+        self.engine.begin(sigmas, sampler_options=getattr(a["sampler"], "extra_options", None))  # may refuse
         # the models are loaded on their device by now: grad-capable copies live there for this run
         self._grad_classifier, _ = softplus_copy(self.classifier.classifier, self.config.softplus_beta)
         self.decoder.prepare_gradients()
-        self.engine.begin(sigmas)
         self._reported = 0
         try:
             return super().inner_sample(*args, **kwargs)

@@ -402,11 +402,67 @@ def check_finite_latent(latent_image: torch.Tensor) -> None:
                          "(e.g. a Load Latent file)")
 
 
+def per_row_classes(positive, batch: int) -> Optional[torch.Tensor]:
+    """Each image's desired class from class-label conditioning (e.g. EDM2 Class Label ``3;5``):
+    the one-hot ``class_labels`` rows [k, L] cycled over the batch, as ComfyUI repeats a cond to the
+    batch (row r takes label r mod k). None for one label (the node's desired_class then applies)."""
+    if not has_class_labels(positive):
+        return None
+    labels = positive[0][1]["class_labels"]
+    if labels.ndim != 2 or labels.shape[0] <= 1:
+        return None
+    empty = (labels.abs().sum(1) == 0).nonzero().flatten().tolist()
+    if empty:
+        raise GFCGInputError(f"positive: class label row {empty[0]} is empty (no class); per-image classes need one "
+                             "class per row")
+    classes = labels.argmax(1).long()
+    return classes[torch.arange(batch) % classes.shape[0]]
+
+
+def ignores_class_labels(model, num_labels: int) -> bool:
+    """Whether a class-label model drops the label (an unconditional network): its ``extra_conds``
+    for class 0 and class 1 are the same (no label-derived input). A model whose extra_conds needs
+    more than the label to answer counts as conditional."""
+    if num_labels < 2:
+        return False
+    eye = torch.eye(num_labels)[:2]
+    try:
+        a, b = (model.extra_conds(class_labels=eye[i:i + 1]) for i in range(2))
+    except Exception:  # noqa: BLE001 -- needs the full sampling context: assume it reads the label
+        return False
+    if a.keys() != b.keys():
+        return False
+    for k in a:
+        va, vb = getattr(a[k], "cond", a[k]), getattr(b[k], "cond", b[k])
+        if not (torch.is_tensor(va) and torch.is_tensor(vb) and va.shape == vb.shape and torch.equal(va, vb)):
+            return False
+    return True
+
+
+def check_label_use(model, guide, reference, combine: str, mode: str) -> None:
+    """GFCG with class labels needs networks that read them: an unconditional main model makes
+    D_ref = D1 (GFCG a silent no-op); an unconditional guide in swap mode makes G(c_ref) = G(0)
+    (the reference class changes nothing)."""
+    if not isinstance(reference, LabelReference):
+        return
+    n = reference.num_labels
+    if ignores_class_labels(model, n):
+        raise GFCGInputError("model: this network ignores class labels (an unconditional model), so the reference "
+                             "class changes nothing and GFCG would do nothing; use the class-conditional model as "
+                             "the main model (an unconditional network works as the autoguidance guide, in additive "
+                             "mode)")
+    if combine == "atg" and mode == "swap" and guide is not None and ignores_class_labels(guide, n):
+        raise GFCGInputError("guide_model: this guide ignores class labels (an unconditional guide); in swap mode "
+                             "the reference branch runs on the guide, G(c_ref) = G(no class), so the reference class "
+                             "changes nothing. Use mode = additive (the reference runs on the main model) or a "
+                             "class-conditional guide")
+
+
 def make_reference(positive, class_names, clip=None, prompt_template: str = "a photo of a {}"):
     """Reference conditioning source: text through ``clip`` when given, else the class label
     carried by ``positive`` (class-label models)."""
     if clip is not None:
-        return TextReference(clip, prompt_template, class_names)
+        return TextReference(clip, prompt_template, class_names, positive=positive)
     if has_class_labels(positive):
         ref = LabelReference(positive)
         if ref.num_labels != len(class_names):
@@ -450,6 +506,23 @@ def pre_cfg_hooks(model_options, positive, negative, cond_scale, timestep, x, mo
                       "input": x, "sigma": timestep, "model": model, "model_options": model_options})
         return out[0], out[1]
     return run
+
+
+def comfy_cfg_function(model, model_options, positive, negative, x, timestep):
+    """The CFG part through ComfyUI's own ``cfg_function`` when the model carries a CFG hook
+    (``sampler_cfg_function``, e.g. RescaleCFG), else None (the engine's ``core.cfg``, the same
+    formula ComfyUI uses without a hook). ComfyUI's post-CFG hooks are left out here: they run once,
+    after GFCG's own terms (``post_cfg_hooks``). A skipped negative (cfg = 1) is ComfyUI's zeros."""
+    if "sampler_cfg_function" not in model_options:
+        return None
+    opts = {k: v for k, v in model_options.items() if k != "sampler_post_cfg_function"}
+
+    def cfg(d1, d_neg, w):
+        scale = float(w) if not torch.is_tensor(w) else w.to(d1.dtype).view(-1, *([1] * (d1.ndim - 1)))
+        un = torch.zeros_like(d1) if d_neg is None else d_neg
+        return comfy.samplers.cfg_function(model, d1, un, scale, x, timestep, model_options=opts, cond=positive,
+                                           uncond=negative if d_neg is not None else None)
+    return cfg
 
 
 def post_cfg_hooks(model_options, res, positive, negative, cond_scale, timestep, x, model) -> torch.Tensor:
@@ -499,6 +572,8 @@ class GFCGGuider(comfy.samplers.CFGGuider):
         self.engine = GFCGEngine(config, combine=combine, mode=mode, scale=float(scale))
         self.classifier = classifier
         self.reference = make_reference(positive, classifier.class_names, clip, prompt_template)
+        check_label_use(model_patcher.model, guide_patcher.model if guide_patcher is not None else None,
+                        self.reference, combine, mode)
         self.decoder = PixelDecoder(vae, decode, decode_resolution)
         self.guide_patcher = guide_patcher
         self.cfg = float(scale) if combine == "cfg" else 1.0
@@ -557,7 +632,9 @@ class GFCGGuider(comfy.samplers.CFGGuider):
             gconds = {"positive": [c.copy() for c in self.original_conds["positive"]]}
             self.guide_conds = self._process_conds(g.model, gconds)
             g.pre_run()
-        self.engine.begin(sigmas, a["seed"])
+        self.engine.desired_rows = per_row_classes(self.recipe["positive"], int(noise.shape[0]))
+        self.engine.begin(sigmas, a["seed"], percent_to_sigma=self.inner_model.model_sampling.percent_to_sigma,
+                          sampler_options=getattr(a["sampler"], "extra_options", None))
         self._reported = 0
         return super().inner_sample(*args, **kwargs)
 
@@ -602,8 +679,11 @@ class GFCGGuider(comfy.samplers.CFGGuider):
                                   guide_options(model_options), branches)
 
         pre_cfg = pre_cfg_hooks(model_options, positive, negative, self.cfg, timestep, x, self.inner_model)
+        # as ComfyUI's sampling_function: cfg = 1 skips the negative unless the sampler asks for it (CFG++)
+        self.engine.skip_unit_negative = not model_options.get("disable_cfg1_optimization", False)
         res = self.engine.denoise(x, float(timestep.flatten()[0]), main, self._classify,
-                                  guide if self.guide_patcher is not None else None, pre_cfg)
+                                  guide if self.guide_patcher is not None else None, pre_cfg,
+                                  comfy_cfg_function(self.inner_model, model_options, positive, negative, x, timestep))
         self._reported = report_trace(self.engine, self.classifier.class_names, self.engine.config.tau,
                                       self._reported)
         return post_cfg_hooks(model_options, res, positive, negative, res.scale, timestep, x, self.inner_model)

@@ -1,9 +1,11 @@
 """GFCG as a MODEL patch, for KSampler and KSamplerAdvanced (imports ComfyUI).
 
-The patch is an OUTER_SAMPLE wrapper (ComfyUI's ``patcher_extension``): when a sampler node runs
-the patched model, the wrapper takes the sampler's own guider (its positive, negative and cfg)
-and samples through a :class:`~.comfy_guider.GFCGGuider` built from them -- GFCG alone when
-cfg = 1, GFCG stacked on CFG with the KSampler's cfg otherwise. The reference branch is therefore
+The patch is an OUTER_SAMPLE wrapper (ComfyUI's ``patcher_extension``): when KSampler or
+KSamplerAdvanced (ComfyUI's plain ``CFGGuider``) samples the patched model, the wrapper takes that
+guider's positive, negative and cfg and samples through a :class:`~.comfy_guider.GFCGGuider` built
+from them: GFCG stacked on CFG with the KSampler's cfg (at cfg = 1 the negative is skipped as
+ComfyUI skips it, which is GFCG alone). Any other guider that samples the model (a GFCG Guider, the
+gradient guider, Guider_Basic, DualCFG, another pack's) is left alone. The reference branch is therefore
 evaluated inside the patch by the very code the GUIDER node runs, so both give the same result
 for the same settings (a test checks it bit for bit).
 """
@@ -45,7 +47,9 @@ class GFCGSampleWrapper:
         conds = outer.original_conds
         cfg = float(getattr(outer, "cfg", 1.0))
         negative = conds.get("negative")
-        combine = "cfg" if negative is not None and cfg != 1.0 else "none"
+        # GFCG + CFG whenever the sampler has a negative: at cfg = 1 the engine skips it as ComfyUI does
+        # (GFCG alone), unless the sampler asks for it (disable_cfg1_optimization, CFG++)
+        combine = "cfg" if negative is not None else "none"
         s = self.settings
         g = GFCGGuider(outer.model_patcher, s["config"], s["classifier"], raw_conditioning(conds["positive"]),
                        vae=s["vae"], clip=s["clip"], prompt_template=s["prompt_template"], combine=combine,
@@ -59,12 +63,17 @@ class GFCGSampleWrapper:
     def __call__(self, executor, *args, **kwargs):
         """ComfyUI calls an OUTER_SAMPLE wrapper with its executor and ``CFGGuider.outer_sample``'s
         arguments (read here by name from that signature, so newer arguments are tolerated)."""
+        outer = executor.class_obj
+        if type(outer) is not comfy.samplers.CFGGuider:
+            # another guider samples this model (a GFCG Guider, the gradient guider, Guider_Basic,
+            # DualCFG, a pack's own): it keeps its own guidance; the patch is for KSampler's CFG
+            return executor(*args, **kwargs)
         a = named_arguments(comfy.samplers.CFGGuider.outer_sample, args, kwargs)
         shapes = a.get("latent_shapes")
         if shapes is not None and len(shapes) > 1:
             raise GFCGInputError(f"GFCG Model Patch: this sampler packs {len(shapes)} latents into one run (e.g. "
                                  "video with audio); the classifier can judge one image latent only")
-        g = self.guider_for(executor.class_obj)
+        g = self.guider_for(outer)
         self.last_guider = g
         return g.sample(a["noise"], a["latent_image"], a["sampler"], a["sigmas"], a["denoise_mask"], a["callback"],
                         a["disable_pbar"], a["seed"])

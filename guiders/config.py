@@ -33,7 +33,8 @@ def check_window(start: float, end: float) -> None:
     check_range("window_end", end, 0.0, 1.0)
     if not start < end:
         raise GFCGInputError(f"window_start ({start}) must be smaller than window_end ({end}); both are fractions "
-                             "of the sampler's steps in [0, 1]")
+                             "in [0, 1] of the model's noise range (0 = the highest noise, 1 = clean), like "
+                             "ComfyUI's start/end percent")
 
 
 def check_period(period) -> int:
@@ -49,7 +50,8 @@ class GFCGConfig:
     desired_class:   index of the desired class in the classifier's vocabulary
     tau:             confidence threshold in [0, 1]; p_des >= tau means no guidance (tau = 0: never)
     alpha, beta:     scale omega = 1 + alpha (1 - p_des / tau) ** beta; alpha >= 0, beta > 0
-    window_start/end: fractions of the sampler's steps where the classifier may run
+    window_start/end: where the classifier may run, as fractions of the model's noise range (ComfyUI's
+                     start/end percent; ``schedule.window_steps``)
     period:          classifier every `period` steps inside the window; decisions reused in between
     reference_mode:  deterministic | stochastic | fixed
     fixed_reference: the class for mode 'fixed'

@@ -26,7 +26,7 @@ evaluation is one forward per model.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Mapping, Optional, Sequence
 
 import torch
 
@@ -49,6 +49,7 @@ class Branch:
 
 
 Evaluate = Callable[[List[Branch]], List[torch.Tensor]]
+CFGFunction = Callable[[torch.Tensor, Optional[torch.Tensor], object], torch.Tensor]
 
 
 @dataclass
@@ -93,9 +94,14 @@ class GFCGEngine:
         self.schedule = GFCGSchedule(c.window_start, c.window_end, c.period)
 
     # ---------------------------------------------------------------- run state
-    def begin(self, sigmas, seed: Optional[int] = None) -> None:
-        """Start a sampling run: reset decisions, trace and the stochastic generator."""
-        self.schedule.begin(sigmas)
+    def begin(self, sigmas, seed: Optional[int] = None, percent_to_sigma: Optional[Callable[[float], float]] = None,
+              sampler_options: Optional[Mapping] = None) -> None:
+        """Start a sampling run: reset decisions, trace and the stochastic generator.
+
+        ``percent_to_sigma`` (the model's fraction -> sigma map) keys the window to the model's sigma
+        range rather than to this slice of the schedule; ``sampler_options`` (the sampler's own
+        options) tell a churning sampler's step starts. See ``GFCGSchedule.begin``."""
+        self.schedule.begin(sigmas, percent_to_sigma, sampler_options)
         self.trace = []
         self._seed = int(seed) if seed is not None else 0
         self._generator = None
@@ -134,8 +140,13 @@ class GFCGEngine:
     def denoise(self, x: torch.Tensor, sigma: float, evaluate_main: Evaluate,
                 classify: Callable[[torch.Tensor], torch.Tensor],
                 evaluate_guide: Optional[Evaluate] = None,
-                pre_cfg: Optional[Callable[[torch.Tensor, torch.Tensor], Sequence[torch.Tensor]]] = None) -> StepResult:
-        """The guided denoised estimate for one sampler evaluation at noise level ``sigma``."""
+                pre_cfg: Optional[Callable[[torch.Tensor, torch.Tensor], Sequence[torch.Tensor]]] = None,
+                cfg_fn: Optional[CFGFunction] = None) -> StepResult:
+        """The guided denoised estimate for one sampler evaluation at noise level ``sigma``.
+
+        ``cfg_fn(d1, d_neg or None, w)``, where given, computes the CFG part instead of
+        ``core.cfg`` (the ComfyUI guider hands in ComfyUI's own CFG function, so that hooks such as
+        RescaleCFG apply); ``None`` for ``d_neg`` means the negative was skipped (cfg = 1)."""
         if self.combine == "atg" and evaluate_guide is None:
             raise ValueError("autoguidance needs a guide model")
         b = x.shape[0]
@@ -153,10 +164,12 @@ class GFCGEngine:
         requests = [Branch("positive")]
         if use_neg and decision is not None:
             requests += self._negative_branches(decision, swap)
-        elif use_neg and not swap:
+        elif use_neg and not (swap and must):
             requests.append(Branch("negative"))
-        # (swap with the decision pending: the negative waits for it, so that confused rows never
-        # evaluate a negative they will not use; NFE stays that of CFG)
+        # (swap with the decision pending at this evaluation: the negative waits for it, so that
+        # confused rows never evaluate a negative they will not use; NFE stays that of CFG. With no
+        # decision in force -- outside the window, before its first classifier step, tau = 0 --
+        # every row is confident and takes the negative now.)
         wants_ref = not (self.combine == "atg" and swap)
         if wants_ref and decision is not None and decision.any_confused:
             requests.append(self._reference_branch(decision))
@@ -190,7 +203,7 @@ class GFCGEngine:
             else:
                 guide = evaluate_guide([Branch("positive")])[0]
 
-        result = self._combine(d1, got, guide, decision, pre_cfg)
+        result = self._combine(d1, got, guide, decision, pre_cfg, cfg_fn, use_neg)
         self._previous = result.denoised
         return result
 
@@ -207,27 +220,37 @@ class GFCGEngine:
         rows = decision.confused.nonzero().squeeze(1)
         return Branch("reference", rows=rows, classes=decision.reference[rows])
 
-    def _combine(self, d1, got, guide, decision: core.Decision, pre_cfg) -> StepResult:
+    @staticmethod
+    def _cfg(cfg_fn: Optional[CFGFunction], d1: torch.Tensor, d_neg: Optional[torch.Tensor], w) -> torch.Tensor:
+        """The CFG part: ``cfg_fn`` where given, else ``core.cfg`` (D1 itself when the negative was skipped)."""
+        if cfg_fn is not None:
+            return cfg_fn(d1, d_neg, w)
+        return d1 if d_neg is None else core.cfg(d1, d_neg, w)
+
+    def _combine(self, d1, got, guide, decision: core.Decision, pre_cfg, cfg_fn=None, use_neg=True) -> StepResult:
         conf = decision.confused
         anyc = decision.any_confused
         w = self.scale
 
-        if self.combine == "none":
+        # GFCG alone, and GFCG + CFG at w = 1 with the negative skipped (CFG is then the identity,
+        # as in ComfyUI: D = D1 + (omega - 1)(D1 - D_ref) on the confused rows, in either mode)
+        if self.combine == "none" or (self.combine == "cfg" and not use_neg):
             uncond = d1
             if anyc:
                 uncond = d1.clone()
                 uncond[conf] = got["reference"]
             if pre_cfg is not None:
                 d1, uncond = pre_cfg(d1, uncond)
-            out = d1
+            out = d1 if cfg_fn is None else self._cfg(cfg_fn, d1, None, 1.0)
             if anyc:
-                out = d1.clone()
-                out[conf] = core.combine_gfcg(d1[conf], uncond[conf], decision.omega[conf])
+                base = out
+                out = base.clone()
+                out[conf] = core.combine_additive(base[conf], d1[conf], uncond[conf], decision.omega[conf])
             return StepResult(out, d1, uncond, 1.0)
 
         if self.combine == "cfg":
             neg = got.get("negative")
-            if neg is None:                      # cfg == 1 (skipped), or swap with every row confused
+            if neg is None:                      # swap with every row confused
                 base_uncond = d1
             elif neg.shape[0] == d1.shape[0]:
                 base_uncond = neg
@@ -246,10 +269,11 @@ class GFCGEngine:
         if pre_cfg is not None:
             d1, base_uncond = pre_cfg(d1, base_uncond)
 
+        hooked = cfg_fn if self.combine == "cfg" else None   # ComfyUI's CFG hooks are for CFG, not autoguidance
         if swap:
-            out = core.cfg(d1, base_uncond, core.swapped_scales(w, decision))
+            out = self._cfg(hooked, d1, base_uncond, core.swapped_scales(w, decision))
         else:
-            out = core.cfg(d1, base_uncond, w) if base_uncond is not d1 else d1
+            out = self._cfg(hooked, d1, base_uncond, w) if base_uncond is not d1 else d1
             if anyc:                             # additive GFCG term on the confused rows
                 out = out.clone()
                 out[conf] = core.combine_additive(out[conf], d1[conf], got["reference"], decision.omega[conf])

@@ -22,14 +22,14 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Callable, List, Mapping, Optional
 
 import torch
 
 from .config import GFCGInputError, check_range
 from .engine import Branch, Evaluate, StepResult
 from .core import cfg as cfg_combine
-from .schedule import step_index
+from .schedule import check_sigmas, step_index, step_starts
 
 CLASSIFIER_INPUTS = ("denoised", "noisy")
 
@@ -135,25 +135,33 @@ def noisy_input(x: torch.Tensor) -> torch.Tensor:
     return x / rms(x).clamp_min(1.0).to(x.dtype)
 
 
-def denoised_term(delta: torch.Tensor, sigma: float, sigma_i: float, sigma_next: float) -> torch.Tensor:
-    """Delta = sigma / (sigma_i - sigma_{i+1}) * delta: the displacement ``delta`` of x per step,
+def denoised_term(delta: torch.Tensor, sigma: float, sigma_start: float, sigma_next: float) -> torch.Tensor:
+    """Delta = sigma / (sigma_start - sigma_{i+1}) * delta: the displacement ``delta`` of x over step i,
     written as a term on the denoised estimate, D~ = D + Delta.
 
+    ``sigma_start`` is where the sampler starts step i: sigma_i, or sigma_hat_i > sigma_i for a
+    churning sampler (``schedule.step_starts``); it steps from there to sigma_{i+1}.
+
     Derivation. The official EDM code moves x by delta = w_i RMS(x) g_hat before the Euler step of
-    step i (sigma_i -> sigma_{i+1}, dt = sigma_{i+1} - sigma_i < 0) and leaves D alone:
-        x_{i+1} = x + delta + dt (x - D) / sigma_i             (D's change with x + delta ignored,
-                                                                 as the gradient ignores it too).
+    step i (sigma_s -> sigma_{i+1}, dt = sigma_{i+1} - sigma_s < 0, sigma_s = sigma_start) and leaves
+    D alone; with D following x (D(x + delta) = D(x) + delta, the frame in which delta is a
+    displacement of the sample):
+        x_{i+1} = x + delta + dt (x - D) / sigma_s.
     A term Delta on D changes the probability-flow slope (x - D) / sigma by -Delta / sigma, so the
-    Euler step becomes x + dt (x - D) / sigma_i - dt Delta / sigma_i. Both agree when
-        Delta = -sigma_i delta / dt = sigma_i delta / (sigma_i - sigma_{i+1}).
+    Euler step becomes x + dt (x - D) / sigma_s - dt Delta / sigma_s. Both agree when
+        Delta = -sigma_s delta / dt = sigma_s delta / (sigma_s - sigma_{i+1}).
     In the ODE this is the velocity delta / |dt| per unit of sigma, so at any sigma within step i
-    (2nd-order correctors, sub-steps) the term is sigma delta / (sigma_i - sigma_{i+1}); every
-    sampler that integrates dx/dsigma = (x - D~) / sigma then moves x by about delta per step.
-    (Heun's corrector sits at sigma_{i+1}, i.e. in step i+1, and averages the two steps' terms.)
+    (intermediate evaluations) the term is sigma delta / (sigma_s - sigma_{i+1}): a sampler that
+    integrates dx/dsigma = (x - D~) / sigma from sigma_s to sigma_{i+1} moves x by delta. Samplers
+    that travel another sigma distance per step, or evaluate at step boundaries, scale it: Heun's
+    corrector at sigma_{i+1} belongs to step i+1 (``schedule.step_index``) and brings step i+1's
+    velocity; ancestral samplers integrate to sigma_down < sigma_{i+1} and move x by
+    (sigma_s - sigma_down) / (sigma_s - sigma_{i+1}) delta. The README's gradient-guidance section
+    tabulates the per-sampler factor (measured by tests/test_comfy_schedule.py).
     """
-    dt = float(sigma_i) - float(sigma_next)
+    dt = float(sigma_start) - float(sigma_next)
     if not dt > 0:
-        raise ValueError(f"step sigmas must decrease, got {sigma_i} -> {sigma_next}")
+        raise ValueError(f"step sigmas must decrease, got {sigma_start} -> {sigma_next}")
     return delta * (float(sigma) / dt)
 
 
@@ -212,12 +220,16 @@ class CGEngine:
     desired_rows: Optional[torch.Tensor] = None
     trace: List[CGTraceEntry] = field(default_factory=list)
     _sigmas: Optional[list] = field(default=None, init=False)
+    _starts: Optional[list] = field(default=None, init=False)
 
-    def begin(self, sigmas) -> None:
-        s = [float(v) for v in (sigmas.tolist() if torch.is_tensor(sigmas) else sigmas)]
+    def begin(self, sigmas, sampler_options: Optional[Mapping] = None) -> None:
+        """Start a run on ``sigmas`` (refused with a GFCGInputError naming ``sigmas`` unless it decreases);
+        ``sampler_options``: the sampler's own options, for a churning sampler's step starts."""
+        s = check_sigmas(sigmas)
         if len(s) < 2:
             raise ValueError("the sigma schedule needs at least one step")
         self._sigmas = s
+        self._starts = step_starts(s, sampler_options)
         self.trace = []
 
     @property
@@ -248,14 +260,16 @@ class CGEngine:
             return StepResult(base, d1, neg, self.scale)
 
         n = len(self._sigmas) - 1
-        i = step_index(self._sigmas, float(sigma))
+        i = step_index(self._sigmas, float(sigma), self._starts)
+        if not self._starts[i] > self._sigmas[i + 1]:
+            return StepResult(base, d1, neg, self.scale)   # a step of length 0: no sigma to move x over
         w = guidance_weight(i, n, c.scale, c.gamma)
         x_in = base if c.classifier_input == "denoised" else noisy_input(x)
         desired = self._desired(x.shape[0], x.device)
         g, logits = guidance_gradient(logits_fn, x_in, desired, c.tau1, c.tau2)
         g = g.to(x.device)
         delta = w * (rms_normalise(g, x) if c.normalise else g.float())
-        term = denoised_term(delta, float(sigma), self._sigmas[i], self._sigmas[i + 1])
+        term = denoised_term(delta, float(sigma), self._starts[i], self._sigmas[i + 1])
         p = torch.softmax(logits.float(), dim=1).gather(1, desired.view(-1, 1).to(logits.device)).squeeze(1)
         self.trace.append(CGTraceEntry(i, float(sigma), p.tolist(), w))
         return StepResult(base + term.to(base.dtype), d1, neg, self.scale)

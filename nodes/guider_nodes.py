@@ -55,10 +55,12 @@ def gfcg_setting_inputs():
                        tooltip="Shape of the ramp (1 - p/tau)^beta: < 1 guides hard just below tau, > 1 "
                                "only when the classifier is very unsure."),
         io.Float.Input("window_start", default=0.0, min=0.0, max=1.0, step=0.01,
-                       tooltip="First step (as a fraction of the sampler's steps) at which the classifier "
-                               "runs; 0 = from the start."),
+                       tooltip="Where the classifier starts, as a fraction of the model's noise range like "
+                               "ComfyUI's start/end percent (0 = highest noise, 1 = clean); a run split over "
+                               "several samplers guides the same steps. 0 = from the start."),
         io.Float.Input("window_end", default=1.0, min=0.0, max=1.0, step=0.01,
-                       tooltip="Fraction of the steps after which GFCG stops (must be > window_start)."),
+                       tooltip="Where GFCG stops, as a fraction of the model's noise range (0 = highest noise, "
+                               "1 = clean; must be > window_start)."),
         io.Int.Input("period", default=1, min=1, max=1000,
                      tooltip="Run the classifier every `period` steps inside the window; samples keep "
                              "their last decision in between (cheaper; the decision is keyed to sigma, "

@@ -18,7 +18,19 @@ from ..classifiers.timm_classifier import straight_through_clamp
 from ..guiders.config import GFCGConfig
 from ..guiders.engine import Branch, GFCGEngine
 from ..guiders.gradient import CGConfig, CGEngine
+from ..guiders.schedule import edm_percent_to_sigma
 from .toy import edm_sigmas
+
+# the testbed models' sigma range (EDM2's; ComfyUI loads them with ModelSamplingContinuousEDM on
+# the same range, edm2.comfy_model.SAMPLING): the guidance window is a range of it
+SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
+
+
+def percent_to_sigma(percent: float) -> float:
+    """The testbed models' fraction -> sigma map, ``edm_percent_to_sigma`` on SIGMA_MIN .. SIGMA_MAX
+    (what ComfyUI's model_sampling gives the same models), so that the window makes the same
+    decisions here and in ComfyUI."""
+    return edm_percent_to_sigma(percent, SIGMA_MIN, SIGMA_MAX)
 
 # method -> (combine, uses GFCG)
 METHODS = {"none": ("none", False), "cfg": ("cfg", False), "atg": ("atg", False),
@@ -97,7 +109,7 @@ def sample(main, classifier: Callable[[torch.Tensor], torch.Tensor], method: str
     engine = GFCGEngine(cfg, combine=combine, mode=mode, scale=scale, desired_rows=rows)
     sigmas = edm_sigmas(steps) if sigmas is None else torch.as_tensor(sigmas, dtype=torch.float32)
     steps = len(sigmas) - 1
-    engine.begin(sigmas, seed)
+    engine.begin(sigmas, seed, percent_to_sigma=percent_to_sigma)
     g = torch.Generator().manual_seed(int(seed))
     x = torch.randn(n, *shape, generator=g) * float(sigmas[0])
     evals = 0

@@ -131,10 +131,16 @@ def test_heun_and_euler_decide_at_the_same_sigmas(env):
         g = gfcg(env, m, pos, tau=1.0, period=2, window_start=0.1, window_end=0.9)
         sample(g, sampler=sampler, steps=10)
         sig[sampler] = [(t.step, round(t.sigma, 5)) for t in g.engine.trace]
-    from comfyui_gfcg.guiders.schedule import classifier_steps
+    import comfy.samplers
+
+    from comfyui_gfcg.guiders.schedule import classifier_steps, window_steps
 
     assert sig["euler"] == sig["heun"]
-    assert [s for s, _ in sig["euler"]] == classifier_steps(10, 0.1, 0.9, 2) == [1, 3, 5, 7]
+    # the window is keyed to the model's noise range (percent_to_sigma), as ComfyUI's start/end percent
+    ms = m.get_model_object("model_sampling")
+    sigmas = comfy.samplers.calculate_sigmas(ms, "karras", 10).tolist()
+    window = window_steps(sigmas, 0.1, 0.9, ms.percent_to_sigma)
+    assert [s for s, _ in sig["euler"]] == classifier_steps(10, 0.1, 0.9, 2, window) == [2, 4, 6, 8]
 
 
 # ------------------------------------------------------------------ forward counting / batching

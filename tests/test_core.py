@@ -264,3 +264,40 @@ def test_engine_stochastic_same_seed_same_draws():
         eng.denoise(x, 10.0, lambda b: toy.evaluate(x, b), toy.classify)
         refs.append(eng.trace[0].reference)
     assert refs[0] == refs[1] and refs[0] != refs[2]
+
+
+def test_engine_swap_takes_the_negative_where_no_decision_is_in_force():
+    """Swap mode: the negative waits only for a decision made at this evaluation. With tau = 0 (and
+    outside the window) no decision comes, so every row is confident and CFG applies: D = D_neg + w (D1 - D_neg)."""
+    res, toy, _, _ = run_engine("cfg", "swap", 0.0, LOGITS, scale=3.0)
+    assert toy.calls == [[("positive", None), ("negative", None)]]
+    assert torch.allclose(res.denoised, torch.full((3, 1, 2, 2), 0.5 + 3.0 * 0.5))
+
+
+def test_engine_cfg_at_one_is_gfcg_alone_and_cfg_fn_shapes_only_cfg():
+    """w = 1 with the negative skipped (ComfyUI's cfg1 optimisation) is GFCG alone, in both modes;
+    a cfg_fn (ComfyUI's CFG function with its hooks) computes the CFG part, never autoguidance's."""
+    alone, _, _, _ = run_engine("none", "additive", 0.5, LOGITS)
+    for mode in ("additive", "swap"):
+        res, toy, _, _ = run_engine("cfg", mode, 0.5, LOGITS, scale=1.0)
+        assert torch.equal(res.denoised, alone.denoised), mode
+        assert all(c != "negative" for call in toy.calls for c, _ in call)
+    seen = []
+
+    def cfg_fn(d1, d_neg, w):
+        seen.append((None if d_neg is None else float(d_neg.flatten()[0]), w if not torch.is_tensor(w) else "rows"))
+        return d1 * 0 + 7.0
+
+    cfg = GFCGConfig(desired_class=0, tau=0.0, alpha=2.0, beta=1.0)
+    for combine, want in (("cfg", 7.0), ("atg", None)):
+        eng = GFCGEngine(cfg, combine=combine, mode="additive", scale=3.0)
+        eng.begin([10.0, 5.0, 0.0], seed=0)
+        toy = Toy(LOGITS)
+        x = torch.zeros(3, 1, 2, 2)
+        res = eng.denoise(x, 10.0, lambda b: toy.evaluate(x, b), toy.classify,
+                          (lambda b: [o * 0 + 0.75 for o in toy.evaluate(x, b)]) if combine == "atg" else None,
+                          cfg_fn=cfg_fn)
+        if want is not None:
+            assert torch.equal(res.denoised, torch.full_like(x, want)) and seen == [(0.5, 3.0)]
+        else:
+            assert torch.allclose(res.denoised, torch.full_like(x, 0.75 + 3.0 * 0.25)) and len(seen) == 1
