@@ -9,6 +9,7 @@ records each convention per version; ``tests/test_comfy_conventions.py`` binds e
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, Callable, Dict, Iterable
 
@@ -32,16 +33,30 @@ def named_arguments(signature_of: Callable, args: tuple, kwargs: dict, skip_self
     return dict(bound.arguments)
 
 
-def accepts(fn: Callable, name: str) -> bool:
-    """Whether ``fn`` takes a keyword argument ``name`` (explicitly or through ``**kwargs``)."""
+@functools.lru_cache(maxsize=256)
+def _keywords(fn: Callable):
+    """(names ``fn`` takes by keyword, whether it has ``**kwargs``), or None if it has no signature.
+    Cached per function: the fused forward asks for every evaluation (bound methods are keyed by
+    their underlying function, see ``accepts``)."""
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
+        return None
+    names = frozenset(n for n, p in params.items()
+                      if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY))
+    return names, any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def accepts(fn: Callable, name: str) -> bool:
+    """Whether ``fn`` takes a keyword argument ``name`` (explicitly or through ``**kwargs``)."""
+    try:
+        kw = _keywords(getattr(fn, "__func__", fn))   # a bound method: its function's signature
+    except TypeError:                                 # unhashable callable
+        kw = _keywords.__wrapped__(fn)
+    if kw is None:
         return False
-    if name in params and params[name].kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                                 inspect.Parameter.KEYWORD_ONLY):
-        return True
-    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    names, varkw = kw
+    return name in names or varkw
 
 
 def supported_kwargs(fn: Callable, kwargs: dict) -> dict:

@@ -15,7 +15,6 @@ The model's pre-/post-CFG hooks run around the combination, as ComfyUI's guiders
 """
 from __future__ import annotations
 
-import copy
 import logging
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -223,6 +222,11 @@ def load_taesd(name: str, latent_channels: int):
         return TAESD(None, folder_paths.get_full_path_or_raise("vae_approx", files[0]), latent_channels=latent_channels)
 
 
+def is_pixel_vae(vae) -> bool:
+    """ComfyUI's pixel_space VAE (3 channels, no downscale): it decodes nothing."""
+    return vae is not None and getattr(vae, "latent_channels", None) == 3 and getattr(vae, "downscale_ratio", 8) == 1
+
+
 class PixelDecoder:
     """x0 (model space) -> RGB in [0, 1], [B, 3, H, W], on the device it is computed on.
 
@@ -249,7 +253,7 @@ class PixelDecoder:
 
     def is_pixel_space(self, z: torch.Tensor) -> bool:
         vae = self.vae
-        return vae is None or getattr(vae, "latent_channels", None) == 3 and getattr(vae, "downscale_ratio", 8) == 1
+        return vae is None or is_pixel_vae(vae)
 
     def prepare_gradients(self) -> None:
         """Make the VAE decoder differentiable: a copy on the device ComfyUI loaded the VAE to."""
@@ -328,7 +332,7 @@ def check_vae(model, vae) -> None:
     BaseModel). Pixel-space models (3-channel "latents") take no VAE or the pixel_space one."""
     c = int(model.latent_format.latent_channels)
     vc = getattr(vae, "latent_channels", None)
-    pixel_vae = vae is not None and vc == 3 and getattr(vae, "downscale_ratio", 8) == 1
+    pixel_vae = is_pixel_vae(vae)
     if c == 3:
         if vae is not None and not pixel_vae:
             raise GFCGInputError(f"vae: the model works in pixel space (3 channels) but this VAE makes {vc}-channel "
@@ -364,8 +368,7 @@ def additional_models(classifier, vae, decode: str) -> list:
     decoder runs during sampling (not for decode = taesd / latent_rgb, nor the pixel_space VAE,
     which decodes nothing: pixel-space x0 is mapped as it is)."""
     extra = [classifier.patcher]
-    pixel = vae is not None and getattr(vae, "latent_channels", None) == 3 and getattr(vae, "downscale_ratio", 8) == 1
-    if vae is not None and getattr(vae, "patcher", None) is not None and decode == "vae" and not pixel:
+    if vae is not None and getattr(vae, "patcher", None) is not None and decode == "vae" and not is_pixel_vae(vae):
         extra.append(vae.patcher)
     return extra
 
