@@ -9,7 +9,7 @@ WEB_DIRECTORY = "./web"   # web/docs/<node id>.md: the help pages of the node do
 
 async def comfy_entrypoint():
     """ComfyUI's V3 entry point: the pack's extension with its node list."""
-    from .comfy_status import register_routes
+    from .nodes.status import register_routes
     from .nodes import GFCGExtension
 
     register_routes()   # GET /gfcg/status (when a server runs)

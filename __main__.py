@@ -8,13 +8,9 @@ import sys
 
 
 def _write(out: str, stem: str, result: dict, table: str) -> str:
-    """``<stem>.json`` (the result) and ``<stem>.md`` (its table) in ``out``; returns the table."""
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, f"{stem}.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.join(out, f"{stem}.md"), "w") as f:
-        f.write(table)
-    return table
+    from .testbed.report import write_result
+
+    return write_result(out, stem, result, table)
 
 
 def _settings(args):
@@ -80,13 +76,14 @@ def bench(args) -> int:
         return perf(args)
     from .testbed.bench import benchmark, markdown_table, plot_benchmark
 
-    res = benchmark(args.methods, n_per_class=args.n_per_class, settings=_settings(args), seed=args.seed)
+    tb = None
+    if args.weights:
+        from .testbed.models import load_testbed
+        tb = load_testbed(args.dtype, args.weights)
+    res = benchmark(args.methods, n_per_class=args.n_per_class, settings=_settings(args), seed=args.seed, tb=tb)
     table = _write(args.out, "bench", res, markdown_table(res))
     plot_benchmark(res, os.path.join(args.out, "bench.png"))
     print(table)
-    if "gfcg_minus_none" in res:
-        print(f"GFCG - none class precision: {res['gfcg_minus_none']:+.3f} (one-sided 99 % lower bound "
-              f"{res['gfcg_minus_none_lower99']:+.3f}, paired over {res['n_per_method']} shared noises)")
     print(f"wrote bench.json, bench.md and bench.png to {args.out}")
     return 0
 
@@ -114,7 +111,7 @@ def cgbench(args) -> int:
 
 
 def decodebench(args) -> int:
-    from .decode_bench import main as run_decode_bench
+    from .testbed.decode_bench import main as run_decode_bench
 
     return run_decode_bench(args)
 
@@ -129,8 +126,12 @@ def train(args) -> int:
         print(f"--only: unknown model(s) {bad}; allowed: {list(FILES)}", file=sys.stderr)
         return 2
     out = args.out or WEIGHTS_DIR
-    record = train_testbed(names, out)
-    plot_loss_curves(record, os.path.join(out, "loss_curves.png"))
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    record = train_testbed(names, out, stop_after=None if args.stop_after is None else 60 * args.stop_after)
+    if any(n in record for n in FILES):
+        plot_loss_curves(record, os.path.join(out, "loss_curves.png"))
     return 0
 
 
@@ -150,6 +151,8 @@ def main(argv=None) -> int:
     sampling_args(d, 2, "out")
     b = sub.add_parser("bench", help="testbed benchmark: precision, FD, precision/recall, NFE, time per method")
     sampling_args(b, 100, os.path.join("testbed", "results"))
+    b.add_argument("--weights", default=None, help="a folder laid out as testbed/weights (default: the committed "
+                   "models); e.g. to measure a training snapshot")
     b.add_argument("--methods", nargs="*", default=["none", "cfg", "atg", "gfcg", "gfcg+cfg", "gfcg+atg"])
     b.add_argument("--perf", action="store_true", help="the cost benchmark instead: NFE, forwards per evaluation, "
                    "wall time against CFG and ATG, peak memory, classifier-step cost per decode choice; writes "
@@ -187,6 +190,9 @@ def main(argv=None) -> int:
     t.add_argument("--only", nargs="*", default=None, help="model names (default: all): main guide "
                    "guidance_classifier eval_classifier")
     t.add_argument("--out", default=None, help="folder (default: the pack's testbed/weights)")
+    t.add_argument("--stop-after", type=float, default=None, help="minutes after which a diffusion model's "
+                   "training saves its state (testbed/checkpoints) and stops; the same command resumes it")
+    t.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
     args = p.parse_args(argv)
     return {"train": train, "demo": demo, "bench": bench, "sweep": sweep, "toy": toy, "cgbench": cgbench,
             "decodebench": decodebench}[args.cmd](args)

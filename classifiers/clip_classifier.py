@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from ..guiders.config import GFCGInputError
+from ..common.errors import GFCGInputError
 from .timm_classifier import DataConfig, ImageClassifier, straight_through_clamp
 from .vocab import imagenet_class_names
 

@@ -11,8 +11,8 @@ import comfy.model_management as mm
 import comfy.model_patcher
 import folder_paths
 
-from ..comfy_folders import ensure_folder
-from ..testbed.files import CLASSIFIER_DIR
+from ..common.comfy_folders import ensure_folder
+from ..common.folders import bundled_folders
 from .clip_classifier import CLIP_EXTENSIONS
 from .timm_classifier import WEIGHT_EXTENSIONS, ImageClassifier
 
@@ -26,7 +26,7 @@ def register_folder() -> None:
     without an extension) under the pack's own key, for .safetensors / .pt / .pth files;
     ``models/gfcg_clip`` for open_clip checkpoints and ``models/gfcg_class_lists`` for class lists."""
     paths = [os.path.join(folder_paths.models_dir, FOLDER_KEY), os.path.join(folder_paths.models_dir, "classifiers"),
-             CLASSIFIER_DIR]  # the pack's own testbed classifiers
+             *bundled_folders(FOLDER_KEY)]  # the pack's own testbed classifiers
     ensure_folder(FOLDER_KEY, paths, WEIGHT_EXTENSIONS)
     ensure_folder(CLIP_FOLDER_KEY, [os.path.join(folder_paths.models_dir, CLIP_FOLDER_KEY)], CLIP_EXTENSIONS)
     ensure_folder(CLASS_LIST_FOLDER_KEY, [os.path.join(folder_paths.models_dir, CLASS_LIST_FOLDER_KEY)], (".txt",))

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..guiders.config import GFCGInputError
+from ..common.errors import GFCGInputError
 from .vocab import imagenet_class_names
 
 WEIGHT_EXTENSIONS = (".safetensors", ".pt", ".pth")

@@ -5,7 +5,7 @@ import difflib
 from functools import lru_cache
 from typing import List, Sequence, Union
 
-from ..guiders.config import GFCGInputError
+from ..common.errors import GFCGInputError
 
 
 @lru_cache(maxsize=1)

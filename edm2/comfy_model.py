@@ -17,8 +17,8 @@ import comfy.model_patcher
 import comfy.supported_models_base
 import folder_paths
 
-from ..comfy_folders import ensure_folder
-from ..testbed.files import EDM2_DIR
+from ..common.comfy_folders import ensure_folder
+from ..common.folders import bundled_folders
 from .checkpoint import CheckpointError, EDM2Checkpoint, build_network, read_checkpoint
 from .latents import EDM2_DEFAULT_ENCODER, RAW_MEAN, edm2_to_raw, preview_factors, raw_to_edm2
 
@@ -30,7 +30,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def register_folder() -> None:
     """``models/edm2`` and the pack's testbed models under the pack's key ``edm2`` (.pkl / .safetensors / .sft)."""
-    ensure_folder(FOLDER_KEY, [os.path.join(folder_paths.models_dir, FOLDER_KEY), EDM2_DIR], EXTENSIONS)
+    ensure_folder(FOLDER_KEY, [os.path.join(folder_paths.models_dir, FOLDER_KEY), *bundled_folders(FOLDER_KEY)], EXTENSIONS)
 
 
 def list_checkpoints():

@@ -16,10 +16,11 @@ import torch
 
 import comfy.samplers
 
+from ..common.errors import GFCGInputError
 from .callconv import named_arguments
-from .comfy_guider import (PixelDecoder, additional_models, check_finite_latent, check_vae, per_row_classes,
-                           post_cfg_hooks, pre_cfg_hooks, report_trace)
-from .config import GFCGInputError
+from .checks import check_finite_latent, check_vae, per_row_classes
+from .comfy_decode import PixelDecoder, additional_models
+from .comfy_hooks import post_cfg_hooks, pre_cfg_hooks, report_trace
 from .gradient import CGConfig, CGEngine, softplus_copy
 
 

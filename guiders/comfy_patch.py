@@ -18,7 +18,8 @@ import comfy.samplers
 
 from .callconv import named_arguments
 from .comfy_guider import GFCGGuider
-from .config import GFCGConfig, GFCGInputError
+from ..common.errors import GFCGInputError
+from .config import GFCGConfig
 
 WRAPPER_KEY = "comfyui_gfcg.model_patch"
 

@@ -26,7 +26,7 @@ from typing import Callable, List, Mapping, Optional
 
 import torch
 
-from .config import GFCGInputError, check_range
+from ..common.errors import GFCGInputError, check_range
 from .engine import Branch, Evaluate, StepResult
 from .core import cfg as cfg_combine
 from .schedule import check_sigmas, step_index, step_starts

@@ -17,7 +17,7 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from .config import GFCGInputError
+from ..common.errors import GFCGInputError
 
 CLASS_LABEL_KEY = "class_labels"
 

@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .config import GFCGInputError
+from ..common.errors import GFCGInputError
 from .core import Decision
 
 PercentToSigma = Callable[[float], float]

@@ -11,7 +11,7 @@ from ..classifiers.comfy_classifier import (CLASS_LIST_FOLDER_KEY, CLIP_FOLDER_K
                                             register_folder)
 from ..classifiers.timm_classifier import load_timm_classifier, read_sidecar
 from ..classifiers.vocab import imagenet_class_names
-from ..guiders.config import GFCGInputError
+from ..common.errors import GFCGInputError
 from ._api import ClassifierType, io
 
 register_folder()

@@ -6,7 +6,7 @@ from ..edm2.checkpoint import CheckpointError
 from ..edm2.comfy_model import (DTYPES, checkpoint_path, class_label_conditioning, empty_latent, list_checkpoints,
                                 load_edm2_model, register_folder)
 from ..edm2.latents import comfy_image_to_edm2_pixels, edm2_pixels_to_comfy_encoder_input
-from ..guiders.config import GFCGInputError
+from ..common.errors import GFCGInputError
 from ._api import io
 
 register_folder()

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from ..classifiers.vocab import resolve_class
-from ..guiders.comfy_guider import DECODE_METHODS, GFCGGuider
+from ..guiders.comfy_decode import DECODE_METHODS
+from ..guiders.comfy_guider import GFCGGuider
 from ..guiders.comfy_patch import GFCGSampleWrapper, patch_model
 from ..guiders.config import GFCGConfig, GFCGInputError, check_window
 from ._api import ClassifierType, io

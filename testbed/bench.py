@@ -16,8 +16,8 @@ import torch
 
 from ..guiders.config import GFCGConfig
 from ..guiders.gradient import CGConfig, softplus_copy
-from .dataset import CLASS_NAMES, NUM_CLASSES, SEEDS, make_split, to_unit
-from .metrics import class_precision, frechet_distance, paired_difference_bound, precision_recall
+from .dataset import CLASS_NAMES, NUM_CLASSES, PAIR_OF, SEEDS, make_split, to_unit
+from .metrics import class_precision, frechet_distance, pair_accuracy, paired_difference_bound, precision_recall
 from .models import Testbed, load_testbed, logits_and_features
 from .sampler import CG_METHODS, METHODS, sample
 
@@ -60,25 +60,19 @@ def guidance_classifier_for(tb: Testbed, method: str, settings: Settings):
     return _SOFTPLUS[key]
 
 
-class Progress:
-    """A one-line text progress bar on stderr (total known up front)."""
+def Progress(total: int, label: str = ""):
+    """The commands' progress bar: tqdm over sampling steps, on stderr, in ASCII (a Windows console
+    in cp1252 cannot print tqdm's Unicode blocks). ``update(1)`` per step; the method being sampled
+    shows as the postfix."""
+    from tqdm import tqdm
 
-    def __init__(self, total: int, label: str = "", stream=sys.stderr, width: int = 30):
-        self.total, self.done, self.label, self.stream, self.width = max(1, total), 0, label, stream, width
-        self.t0 = time.time()
+    return tqdm(total=max(1, total), desc=label, unit="step", ascii=True, file=sys.stderr, dynamic_ncols=True)
 
-    def update(self, k: int = 1, note: str = "") -> None:
-        self.done = min(self.total, self.done + k)
-        f = self.done / self.total
-        el = time.time() - self.t0
-        eta = el / f - el if f > 0 else 0.0
-        bar = "#" * int(f * self.width) + "-" * (self.width - int(f * self.width))
-        self.stream.write(f"\r{self.label} [{bar}] {100 * f:5.1f}% {el:5.0f}s elapsed, ~{eta:4.0f}s left {note:<14}")
-        self.stream.flush()
 
-    def close(self) -> None:
-        self.stream.write("\n")
-        self.stream.flush()
+def _step(progress, method: str) -> None:
+    if progress.postfix != method:
+        progress.set_postfix_str(method, refresh=False)
+    progress.update(1)
 
 
 def class_rows(n_per_class: int) -> torch.Tensor:
@@ -88,7 +82,7 @@ def class_rows(n_per_class: int) -> torch.Tensor:
 
 @torch.no_grad()
 def run_method(tb: Testbed, method: str, desired: torch.Tensor, settings: Settings, seed: int = 0,
-               batch: int = BATCH, progress: Optional[Progress] = None) -> dict:
+               batch: int = BATCH, progress=None) -> dict:
     """Sample ``len(desired)`` images with ``method``: chunks of ``batch`` rows, chunk i with noise
     seed ``seed + i`` (so every method starts from the same noise). Returns images, NFE, seconds."""
     images, nfe, t0 = [], 0.0, time.time()
@@ -98,7 +92,7 @@ def run_method(tb: Testbed, method: str, desired: torch.Tensor, settings: Settin
                    seed=seed + i, steps=settings.steps, guide=tb.guide, cfg_scale=settings.cfg_scale,
                    atg_scale=settings.atg_scale, gfcg=settings.gfcg, mode=settings.mode, num_classes=NUM_CLASSES,
                    cg=settings.cg,
-                   progress=(lambda _s: progress.update(1, method)) if progress else None)
+                   progress=(lambda _s: _step(progress, method)) if progress else None)
         images.append(r.images)
         nfe += r.nfe * rows.shape[0]
     return {"images": torch.cat(images), "nfe": nfe / desired.shape[0], "seconds": time.time() - t0}
@@ -121,7 +115,8 @@ def score(tb: Testbed, images: torch.Tensor, desired: torch.Tensor, real_feats: 
     logits, feats = eval_outputs(tb, images)
     hits = logits.argmax(1) == desired
     pr, rc = precision_recall(real_feats[:feats.shape[0]], feats, k)
-    return {"class_precision": class_precision(logits, desired), "fd": frechet_distance(feats, real_feats),
+    return {"class_precision": class_precision(logits, desired), "pair_accuracy": pair_accuracy(logits, desired, PAIR_OF),
+            "fd": frechet_distance(feats, real_feats),
             "precision": pr, "recall": rc, "hits": hits}
 
 
@@ -144,23 +139,42 @@ def benchmark(methods: Sequence[str], n_per_class: int = 100, settings: Optional
         hits[m] = s.pop("hits")
         rows.append({"method": m, **s, "nfe": out["nfe"], "seconds": out["seconds"]})
     prog.close()
-    if "gfcg" in hits and "none" in hits:
-        mean, lo = paired_difference_bound(hits["gfcg"], hits["none"])
-        extra = {"gfcg_minus_none": mean, "gfcg_minus_none_lower99": lo}
-    else:
-        extra = {}
     return {"n_per_class": n_per_class, "n_per_method": int(desired.shape[0]), "n_real": n_real, "seed": seed,
             "settings": settings.as_dict(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "rows": rows, **extra}
+            "rows": rows, "paired": paired_bounds(hits)}
+
+
+# the paired class-precision differences the benchmark reports (a, b): a - b over shared noises
+PAIRED = (("gfcg", "none"), ("gfcg", "cfg"), ("gfcg+cfg", "cfg"), ("gfcg+atg", "atg"))
+
+
+def paired_bounds(hits: Dict[str, torch.Tensor], pairs=PAIRED) -> list:
+    """For each (a, b) with both methods run: mean of hits_a - hits_b and its one-sided 99 % lower bound."""
+    out = []
+    for a, b in pairs:
+        if a in hits and b in hits:
+            mean, lo = paired_difference_bound(hits[a], hits[b])
+            out.append({"a": a, "b": b, "mean": mean, "lower99": lo})
+    return out
+
+
+def paired_lines(result: dict) -> str:
+    """The paired bounds as markdown lines."""
+    return "".join(f"- {METHOD_LABELS[p['a']]} - {METHOD_LABELS[p['b']]}: {p['mean']:+.3f} (one-sided 99 % lower "
+                   f"bound {p['lower99']:+.3f}, paired over {result['n_per_method']} shared noises)\n"
+                   for p in result.get("paired", []))
 
 
 def markdown_table(result: dict) -> str:
-    lines = ["| method | class precision ↑ | FD ↓ | precision ↑ | recall ↑ | NFE / image | wall time (s) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| method | class precision (higher is better) | pair accuracy | FD (lower) | precision | recall | "
+             "NFE / image | wall time (s) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in result["rows"]:
-        lines.append(f"| {METHOD_LABELS.get(r['method'], r['method'])} | {r['class_precision']:.3f} | {r['fd']:.2f} | "
+        lines.append(f"| {METHOD_LABELS.get(r['method'], r['method'])} | {r['class_precision']:.3f} | "
+                     f"{r.get('pair_accuracy', float('nan')):.3f} | {r['fd']:.2f} | "
                      f"{r['precision']:.3f} | {r['recall']:.3f} | {r['nfe']:.1f} | {r['seconds']:.0f} |")
-    return "\n".join(lines) + "\n"
+    paired = paired_lines(result)
+    return "\n".join(lines) + "\n" + ("\nPaired class-precision differences:\n\n" + paired if paired else "")
 
 
 def plot_benchmark(result: dict, path: str) -> None:

@@ -1,6 +1,7 @@
 """Sample-quality metrics of the testbed benchmark, in plain PyTorch (float64 where it matters).
 
 * class precision: the evaluation classifier's top-1 agrees with the requested class;
+* pair accuracy: its top-1 falls in the requested class's pair (the right kind of shape);
 * FD: the Frechet distance between Gaussians fitted to penultimate features;
 * precision / recall: the k-NN manifold estimates of Kynkaenniemi et al. (2019);
 * a lower confidence bound for a paired difference of two precisions (the CI test's bound).
@@ -16,6 +17,12 @@ import torch
 def class_precision(logits: torch.Tensor, desired: torch.Tensor) -> float:
     """mean_i [argmax_k logits_ik == desired_i]."""
     return float((logits.argmax(1) == desired.to(logits.device)).double().mean())
+
+
+def pair_accuracy(logits: torch.Tensor, desired: torch.Tensor, pair_of: torch.Tensor) -> float:
+    """mean_i [pair(argmax_k logits_ik) == pair(desired_i)], ``pair_of[k]``: the pair index of class k."""
+    pair_of = pair_of.to(logits.device)
+    return float((pair_of[logits.argmax(1)] == pair_of[desired.to(logits.device)]).double().mean())
 
 
 def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:

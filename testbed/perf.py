@@ -223,7 +223,7 @@ def run(cfg: PerfConfig, progress=print) -> dict:
 def latent_decode_costs(cfg: PerfConfig) -> Optional[dict]:
     """The decode choices of a latent model through ComfyUI's decoders (``decode_bench``, costs
     only); None with the reason when no ComfyUI checkout is found."""
-    from .. import decode_bench
+    from . import decode_bench
 
     try:
         return decode_bench.run(reps=cfg.reps, comfyui=cfg.comfyui, agreement=False, gradient=False)

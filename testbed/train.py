@@ -1,11 +1,17 @@
 """Training the testbed's models on ShapePairs (CPU-sized; every run is seeded and logged).
 
-Diffusion models use the pack's EDM2 network in pixel space (32x32x3) with the EDM2 recipe in
+Diffusion models use the pack's EDM2 network in pixel space (16x16x3) with the EDM2 recipe in
 small: log-normal sigma (P_mean, P_std), EDM loss weighting with the learned uncertainty u(sigma)
 (the logvar head), forced weight normalisation after every step, Adam with inverse-square-root
 decay, and an EMA of the weights. Label dropout gives the main model an unconditional (zero-label)
 mode for CFG. Classifiers are timm architectures trained with cross-entropy on their own,
 disjoint data seeds, saved in the format the pack's classifier loader reads.
+
+Diffusion training is resumable: every ``save_every`` iterations the whole state (network,
+optimiser, EMA, the data generator's RNG, the loss history, the wall time so far) goes to a
+checkpoint file outside git, and a later run with the same recipe continues from it bit for bit,
+so a long CPU run can be split over sessions. EMA snapshots at ``snapshot_every`` let the recipe's
+iteration count be chosen from a measured curve.
 """
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ import torch.nn.functional as F
 
 from ..edm2.checkpoint import EDM2Checkpoint, save_safetensors
 from ..edm2.network import EDM2, EDM2Config, MPConv, MPFourier, normalize
-from .dataset import CLASS_NAMES, NUM_CLASSES, SEEDS, make_split, to_unit
+from .dataset import CLASS_NAMES, NUM_CLASSES, RESOLUTION, SEEDS, make_split, to_unit
 from .files import FILES, WEIGHTS_DIR
 
 
@@ -31,7 +37,7 @@ class DiffusionRecipe:
     model_channels: int = 32
     channel_mult: tuple = (1, 2, 2)
     num_blocks: int = 2
-    attn_resolutions: tuple = (8,)
+    attn_resolutions: tuple = (4,)
     channels_per_head: int = 32
     iterations: int = 1200
     batch: int = 64
@@ -41,11 +47,13 @@ class DiffusionRecipe:
     p_mean: float = -0.8
     p_std: float = 1.6
     label_dropout: float = 0.1
-    dataset_size: int = 20000
+    dataset_size: int = 50000
     seed: int = 0
+    resolution: int = RESOLUTION
+    precision: str = "bf16"            # "bf16": the forward under CPU/GPU autocast (EDM2 trains mixed-precision)
 
     def config(self) -> EDM2Config:
-        return EDM2Config(img_resolution=32, img_channels=3, label_dim=NUM_CLASSES, model_channels=self.model_channels,
+        return EDM2Config(img_resolution=self.resolution, img_channels=3, label_dim=NUM_CLASSES, model_channels=self.model_channels,
                           channel_mult=self.channel_mult, num_blocks=self.num_blocks,
                           attn_resolutions=self.attn_resolutions, channels_per_head=self.channels_per_head)
 
@@ -92,18 +100,52 @@ def edm2_loss(net: EDM2, x: torch.Tensor, labels: torch.Tensor, generator: torch
     return (lam / logvar.exp() * per + logvar).mean()
 
 
-def train_diffusion(recipe: DiffusionRecipe, log: Optional[Callable[[dict], None]] = None):
-    """Train one EDM2 pixel model; returns (EMA network, loss history)."""
+def _diffusion_state(net, ema, opt, g, it, history, seconds, recipe) -> dict:
+    return {"recipe": json.dumps(asdict(recipe)), "iteration": it, "seconds": seconds,
+            "history": torch.tensor(history, dtype=torch.float32), "rng": g.get_state(),
+            "net": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict()}
+
+
+def _save_atomic(obj, path: str) -> None:
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train_diffusion(recipe: DiffusionRecipe, log: Optional[Callable[[dict], None]] = None,
+                    checkpoint: Optional[str] = None, save_every: int = 200, snapshot_every: int = 0,
+                    stop_after: Optional[float] = None, info: Optional[dict] = None):
+    """Train one EDM2 pixel model; returns (EMA network, loss history).
+
+    ``checkpoint``: a file for the training state; when it exists (same recipe) training resumes
+    from it. ``stop_after``: seconds after which this run saves and returns early (``info["done"]``
+    False; run again to continue). ``snapshot_every``: also save the EMA network every so many
+    iterations next to the checkpoint (``<checkpoint>.ema<iteration>.safetensors``).
+    ``info`` (a dict) receives iterations, total seconds across resumptions and ``done``."""
     torch.manual_seed(recipe.seed)
     g = torch.Generator().manual_seed(recipe.seed)
-    images, labels = make_split(recipe.dataset_size, SEEDS["diffusion"])
+    images, labels = make_split(recipe.dataset_size, SEEDS["diffusion"], size=recipe.resolution)
     net = init_edm2(EDM2(recipe.config()), g)
     force_normalize(net)
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=recipe.lr, betas=(0.9, 0.99))
-    history = []
+    history, start, before = [], 0, 0.0
+    if checkpoint and os.path.exists(checkpoint):
+        st = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        # the iteration count may grow between runs (the lr schedule does not depend on it)
+        same = {k: v for k, v in json.loads(st["recipe"]).items() if k != "iterations"}
+        if same != {k: v for k, v in json.loads(json.dumps(asdict(recipe))).items() if k != "iterations"}:
+            raise ValueError(f"checkpoint {checkpoint!r} was written for another recipe: {st['recipe']}")
+        net.load_state_dict(st["net"])
+        ema.load_state_dict(st["ema"])
+        opt.load_state_dict(st["opt"])
+        g.set_state(st["rng"])
+        start, before, history = int(st["iteration"]), float(st["seconds"]), st["history"].tolist()
+        if log is not None:
+            log({"resumed_at": start, "seconds_before": before})
     t0 = time.time()
-    for it in range(recipe.iterations):
+    it = start
+    for it in range(start, recipe.iterations):
         idx = torch.randint(0, images.shape[0], (recipe.batch,), generator=g)
         y = F.one_hot(labels[idx], NUM_CLASSES).float()
         drop = torch.rand(recipe.batch, generator=g) < recipe.label_dropout
@@ -114,7 +156,8 @@ def train_diffusion(recipe: DiffusionRecipe, log: Optional[Callable[[dict], None
         lr = recipe.lr / math.sqrt(max(it / recipe.lr_decay_from, 1.0))
         for grp in opt.param_groups:
             grp["lr"] = lr
-        loss = edm2_loss(net, x, y, g, recipe.p_mean, recipe.p_std)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.precision == "bf16"):
+            loss = edm2_loss(net, x, y, g, recipe.p_mean, recipe.p_std).float()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -124,8 +167,25 @@ def train_diffusion(recipe: DiffusionRecipe, log: Optional[Callable[[dict], None
             for pe, pn in zip(ema.parameters(), net.parameters()):
                 pe.lerp_(pn, 1 - beta)
         history.append(float(loss.detach()))
-        if log is not None and (it % 50 == 0 or it == recipe.iterations - 1):
-            log({"iter": it, "loss": sum(history[-50:]) / len(history[-50:]), "lr": lr, "seconds": time.time() - t0})
+        done_its = it + 1
+        if log is not None and (it % 50 == 0 or done_its == recipe.iterations):
+            log({"iter": it, "loss": sum(history[-50:]) / len(history[-50:]), "lr": lr,
+                 "seconds": before + time.time() - t0})
+        if snapshot_every and checkpoint and done_its % snapshot_every == 0:
+            save_diffusion(ema, recipe, f"{checkpoint}.ema{done_its}.safetensors", history)
+        out_of_time = stop_after is not None and time.time() - t0 > stop_after
+        if checkpoint and (done_its % save_every == 0 or out_of_time) and done_its < recipe.iterations:
+            _save_atomic(_diffusion_state(net, ema, opt, g, done_its, history, before + time.time() - t0, recipe),
+                         checkpoint)
+        if out_of_time and done_its < recipe.iterations:
+            if info is not None:
+                info.update(iterations=done_its, seconds=before + time.time() - t0, done=False)
+            return ema, history
+    total = before + time.time() - t0
+    if checkpoint:
+        _save_atomic(_diffusion_state(net, ema, opt, g, recipe.iterations, history, total, recipe), checkpoint)
+    if info is not None:
+        info.update(iterations=recipe.iterations, seconds=total, done=True)
     return ema, history
 
 
@@ -148,6 +208,7 @@ class ClassifierRecipe:
     batch: int = 128
     lr: float = 2e-3
     dataset_size: int = 20000
+    resolution: int = RESOLUTION
     noise_aug: float = 0.0     # std of added Gaussian noise (in [-1, 1] units), to see rough x0 estimates
     seed: int = 0
     kwargs: dict = field(default_factory=dict)
@@ -159,7 +220,7 @@ def train_classifier(recipe: ClassifierRecipe, log: Optional[Callable[[dict], No
 
     torch.manual_seed(recipe.seed)
     g = torch.Generator().manual_seed(recipe.seed)
-    images, labels = make_split(recipe.dataset_size, recipe.data_seed)
+    images, labels = make_split(recipe.dataset_size, recipe.data_seed, size=recipe.resolution)
     net = timm.create_model(recipe.architecture, pretrained=False, num_classes=NUM_CLASSES, **recipe.kwargs)
     opt = torch.optim.AdamW(net.parameters(), lr=recipe.lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=recipe.iterations)
@@ -184,7 +245,7 @@ def train_classifier(recipe: ClassifierRecipe, log: Optional[Callable[[dict], No
 
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
-DATA_CONFIG = {"input_size": [3, 32, 32], "crop_pct": 1.0, "interpolation": "bilinear", "mean": list(MEAN),
+DATA_CONFIG = {"input_size": [3, RESOLUTION, RESOLUTION], "crop_pct": 1.0, "interpolation": "bilinear", "mean": list(MEAN),
                "std": list(STD)}
 
 
@@ -211,9 +272,9 @@ def accuracy(classifier: Callable[[torch.Tensor], torch.Tensor], n: int = 2000, 
 
 RECIPES = {
     # class-conditional main model with label dropout (its zero label is the CFG negative)
-    "main": DiffusionRecipe(),
+    "main": DiffusionRecipe(iterations=12000, lr_decay_from=1000),
     # the autoguidance guide: the same family, smaller (C=16) and trained a quarter as long
-    "guide": DiffusionRecipe(model_channels=16, iterations=300, lr_decay_from=100, seed=1),
+    "guide": DiffusionRecipe(model_channels=16, iterations=3000, lr_decay_from=1000, seed=1),
     # guidance classifier (the one GFCG reads) and evaluation classifier (never guides), own data seeds
     "guidance_classifier": ClassifierRecipe(architecture="regnetx_002", data_seed=SEEDS["guidance_classifier"]),
     "eval_classifier": ClassifierRecipe(architecture="test_resnet", data_seed=SEEDS["eval_classifier"], lr=5e-3, seed=1),
@@ -225,9 +286,17 @@ def _thin(history, every: int = 10):
     return [sum(history[i:i + every]) / len(history[i:i + every]) for i in range(0, len(history), every)]
 
 
-def train_testbed(names, out_dir: str = WEIGHTS_DIR, log=print) -> dict:
+CHECKPOINT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints")  # git-ignored
+
+
+def train_testbed(names, out_dir: str = WEIGHTS_DIR, log=print, checkpoint_dir: str = CHECKPOINT_DIR,
+                  stop_after: Optional[float] = None, snapshot_every: int = 1000) -> dict:
     """Train the named testbed models, save their weights and record recipe, seeds, wall time,
-    loss curve and (classifiers) held-out accuracy in ``training.json``."""
+    loss curve and (classifiers) held-out accuracy in ``training.json``.
+
+    Diffusion models resume from ``checkpoint_dir/<name>.pt`` and stop after ``stop_after``
+    seconds (saved; run the same command again to continue); their weights and record are
+    written once the recipe's iterations are done. The recorded seconds are summed over runs."""
     os.makedirs(out_dir, exist_ok=True)
     record_path = os.path.join(out_dir, "training.json")
     record = json.load(open(record_path)) if os.path.exists(record_path) else {}
@@ -243,9 +312,17 @@ def train_testbed(names, out_dir: str = WEIGHTS_DIR, log=print) -> dict:
         t0 = time.time()
         entry = {"recipe": asdict(recipe), "torch": torch.__version__}
         if isinstance(recipe, DiffusionRecipe):
-            net, history = train_diffusion(recipe, progress)
+            os.makedirs(checkpoint_dir, exist_ok=True)
+            info = {}
+            net, history = train_diffusion(recipe, progress, checkpoint=os.path.join(checkpoint_dir, f"{name}.pt"),
+                                           snapshot_every=snapshot_every, stop_after=stop_after, info=info)
+            if not info["done"]:
+                log(f"[{name}] stopped at iteration {info['iterations']} of {recipe.iterations} after "
+                    f"{info['seconds']:.0f} s in all; run the same command again to continue")
+                continue
             save_diffusion(net, recipe, path, history)
             entry["parameters"] = sum(p.numel() for p in net.parameters())
+            t0 = time.time() - info["seconds"]  # the recorded wall time: all runs together
         else:
             net, history = train_classifier(recipe, progress)
             save_classifier(net, recipe, path)

@@ -4,7 +4,7 @@ ComfyUI server with the pack, in each frontend: the tree's own pinned ``comfyui-
 ``pip install --target DIR comfyui-frontend-package==1.58.1``; ComfyUI serves it with
 ``--front-end-root``). Checks: no missing node types, no console errors from the pack, a
 screenshot per workflow (GFCG_WRITE_DOCS=1 saves those of the newest frontend to docs/screenshots/,
-the README's)."""
+which docs/workflows.md shows)."""
 import asyncio
 import contextlib
 import json

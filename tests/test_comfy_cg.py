@@ -188,7 +188,7 @@ def test_latent_rgb_decode_matches_comfyui_previewer(env, fmt_name):
     import latent_preview
 
     from comfyui_gfcg.edm2.comfy_model import EDM2LatentFormat
-    from comfyui_gfcg.guiders.comfy_guider import PixelDecoder
+    from comfyui_gfcg.guiders.comfy_decode import PixelDecoder
 
     if fmt_name != "EDM2" and not hasattr(comfy.latent_formats, fmt_name):
         pytest.skip(f"this ComfyUI has no {fmt_name} latent format")

@@ -175,11 +175,11 @@ def test_named_arguments_reads_every_version(parent, version):
 # symbol -> (positional arguments the pack passes, keywords passed as such, keywords passed through
 #            callconv only where the callee takes them); each row names the call site
 CALLS = {
-    "comfy.model_patcher.ModelPatcher.prepare_state": (["self", "t"], {}, {"model_options": {}}),   # comfy_guider._fused
+    "comfy.model_patcher.ModelPatcher.prepare_state": (["self", "t"], {}, {"model_options": {}}),   # comfy_forward._fused
     "comfy.samplers.process_conds": (["model", "noise", "conds", "device", "latent", "mask", "seed"], {},
                                      {"latent_shapes": None}),                                       # GFCGGuider._process_conds
-    "comfy.model_base.BaseModel.memory_required": (["self", "shape"], {}, {"cond_shapes": {}}),    # comfy_guider._memory_required
-    "comfy.model_management.get_free_memory": (["device"], {}, {}),                                 # comfy_guider._free_memory
+    "comfy.model_base.BaseModel.memory_required": (["self", "shape"], {}, {"cond_shapes": {}}),    # comfy_forward._memory_required
+    "comfy.model_management.get_free_memory": (["device"], {}, {}),                                 # comfy_forward._free_memory
     "comfy.samplers.calc_cond_batch": (["model", "conds", "x", "t", "model_options"], {}, {}),     # batched_forward
     "comfy.samplers.cond_cat": (["conds"], {}, {}),                                                 # _fused
     "comfy.sampler_helpers.convert_cond": (["raw"], {}, {}),                                        # GFCGGuider._process
@@ -222,7 +222,7 @@ def test_changed_calls_fail_without_callconv():
 def test_model_options_keys_the_fused_forward_steps_aside_for():
     """Every recorded model_options key under which ComfyUI runs its own batching path is one the
     fused forward leaves to ComfyUI (read from the source: no ComfyUI import)."""
-    tree = ast.parse((REPO / "guiders" / "comfy_guider.py").read_text())
+    tree = ast.parse((REPO / "guiders" / "comfy_forward.py").read_text())
     keys = next(ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
                 and any(isinstance(t, ast.Name) and t.id == "_OWN_PATH_KEYS" for t in n.targets))
     for k in ("multigpu_clones", "context_handler", "model_function_wrapper"):

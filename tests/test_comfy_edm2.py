@@ -206,7 +206,7 @@ def test_vae_decode_and_encode_follow_edm2_pixel_convention(env):
     enc = node(env, "GFCGEDM2VAEEncode", pixels=p, vae=vae)["samples"]
     torch.testing.assert_close(enc, vae.encode((p + 1) / 2))
     # the GFCG classifier sees the same EDM2 colours as the decode node
-    from comfyui_gfcg.guiders.comfy_guider import PixelDecoder
+    from comfyui_gfcg.guiders.comfy_decode import PixelDecoder
 
     model = load(env, "edm2-img512-tiny").model
     x0 = torch.randn(1, 4, 8, 8) * 0.5

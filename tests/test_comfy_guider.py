@@ -409,7 +409,7 @@ def test_multigpu_split_keeps_to_the_main_model(env):
     """ComfyUI's MultiGPU CFG Split (v0.33+) describes the MAIN model's per-GPU clones: the guide's
     evaluations run without them, a guide's own clones are not joined to the main model's split,
     and the classifier can be cloned per GPU (its patcher names a factory, as core loaders do)."""
-    from comfyui_gfcg.guiders.comfy_guider import guide_options, single_device
+    from comfyui_gfcg.guiders.comfy_forward import guide_options, single_device
 
     opts = {"transformer_options": {}, "multigpu_clones": {"cuda:1": object()}, "multigpu_thread_pool": object()}
     assert guide_options(opts) == {"transformer_options": {}} and "multigpu_clones" in opts

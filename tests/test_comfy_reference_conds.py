@@ -212,7 +212,7 @@ def test_positive_untouched_and_reference_cached(comfy_env):
 def test_make_reference_passes_the_positive(comfy_env):
     """The guider's reference source (``make_reference`` with a CLIP) keeps the positive's keys:
     SDXL size conditioning here."""
-    from comfyui_gfcg.guiders.comfy_guider import make_reference
+    from comfyui_gfcg.guiders.checks import make_reference
 
     env = comfy_env
     clip = env["clips"]["sdxl"]

@@ -1,9 +1,9 @@
 """ComfyUI side of the schedule: the window keyed to the model's sigma range (KSamplerAdvanced split
 into passes guides what one pass guides; the headless sampler decides as ComfyUI does), the step
 of an evaluation under ComfyUI's samplers (churn, ancestral midpoints at sigma_{i+1}), reversed
-schedules refused by both guiders, and the gradient guider's per-sampler strength (the README's
-table is this file's measurement: ``python -m pytest tests/test_comfy_schedule.py -k strength -s``
-prints it)."""
+schedules refused by both guiders, and the gradient guider's per-sampler strength (the
+per-sampler table in docs/formulas.md is this file's measurement:
+``python -m pytest tests/test_comfy_schedule.py -k strength -s`` prints it)."""
 import types
 
 import pytest
@@ -254,12 +254,13 @@ def _table():
     return rows
 
 
-def test_gradient_guidance_strength_per_sampler_is_the_readmes_table(env):
-    """The README's per-sampler table is this measurement (18 karras steps)."""
+def test_gradient_guidance_strength_per_sampler_is_the_documented_table(env):
+    """The per-sampler table in docs/formulas.md (off-the-shelf classifier guidance) is this measurement
+    (18 karras steps)."""
     rows = _table()
     print("\n" + "\n".join(rows))
     assert rows[2] == "| euler | 1.00 | 1.00 – 1.00 | 1.00 |"
     assert rows[3].startswith("| euler, s_churn 1 | 1.00 | 1.00 – 1.00 |")     # churned starts: delta per step
-    readme = (REPO / "README.md").read_text()
+    page = (REPO / "docs" / "formulas.md").read_text()
     for r in rows:
-        assert r in readme, f"README's per-sampler table is out of date; measured:\n" + "\n".join(rows)
+        assert r in page, f"docs/formulas.md's per-sampler table is out of date; measured:\n" + "\n".join(rows)

@@ -1,6 +1,7 @@
 """Live trace over ComfyUI's server: progress text on the sampler node while sampling (the
 websocket's binary TEXT events) and the trace plot IMAGE of the run, fetched through /view.
-With GFCG_WRITE_DOCS=1 the plot is saved as docs/trace_testbed_gfcg_atg.png (the README's)."""
+With GFCG_WRITE_DOCS=1 the plot is saved as docs/trace_testbed_gfcg_atg.png (the picture on the
+README's front page and in docs/nodes.md)."""
 import asyncio
 import io
 import json

@@ -38,7 +38,7 @@ def stand_ins(server):
     save_file({k: v.contiguous() for k, v in net.state_dict().items()},
               str(models / "gfcg_classifiers" / "resnet50.a1_in1k.safetensors"))
     load_comfy()                                     # ComfyUI's own SD VAE architecture, random weights
-    from comfyui_gfcg.decode_bench import sd_vae
+    from comfyui_gfcg.testbed.decode_bench import sd_vae
 
     vae, _ = sd_vae(None)
     save_file({k: v.contiguous() for k, v in vae.first_stage_model.state_dict().items()},

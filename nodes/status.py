@@ -14,7 +14,7 @@ log = logging.getLogger("comfyui_gfcg")
 def status() -> dict:
     import comfy.model_management as mm
 
-    from .classifiers import clip_classifier
+    from ..classifiers import clip_classifier
 
     models = []
     for lm in mm.current_loaded_models:

@@ -87,9 +87,9 @@ def taesd_file(folder, path=None):
 def classifier(path=None):
     import timm
 
-    from .classifiers import load_timm_classifier
-    from .classifiers.timm_classifier import DataConfig, ImageClassifier
-    from .classifiers.vocab import imagenet_class_names
+    from ..classifiers import load_timm_classifier
+    from ..classifiers.timm_classifier import DataConfig, ImageClassifier
+    from ..classifiers.vocab import imagenet_class_names
 
     if path:
         return load_timm_classifier(path), os.path.basename(path)
@@ -126,10 +126,10 @@ def run(n: int = 8, reps: int = 3, vae_path=None, taesd_path=None, classifier_pa
     import tempfile
 
     where = _import_comfyui(comfyui)
-    from .edm2.comfy_model import EDM2LatentFormat
-    from .edm2.network import EDM2
-    from .edm2.presets import preset_config
-    from .guiders.comfy_guider import PixelDecoder
+    from ..edm2.comfy_model import EDM2LatentFormat
+    from ..edm2.network import EDM2
+    from ..edm2.presets import preset_config
+    from ..guiders.comfy_decode import PixelDecoder
 
     vae, vae_what = sd_vae(vae_path)
     tmp = tempfile.mkdtemp(prefix="gfcg_vae_approx_")
@@ -146,7 +146,7 @@ def run(n: int = 8, reps: int = 3, vae_path=None, taesd_path=None, classifier_pa
     lat = torch.randn(n, 4, 64, 64, generator=g) * 0.5
     classify_s = _time(lambda: clf(torch.rand(1, 3, 512, 512)), reps)
 
-    from .guiders.gradient import guidance_gradient, softplus_copy
+    from ..guiders.gradient import guidance_gradient, softplus_copy
 
     smooth, _ = softplus_copy(clf, 5.0)
     full = PixelDecoder(vae, "vae", 1.0)
@@ -197,7 +197,7 @@ def markdown(res: dict) -> str:
 def main(args) -> int:
     res = run(n=args.n, reps=args.reps, vae_path=args.vae, taesd_path=args.taesd, classifier_path=args.classifier,
               comfyui=args.comfyui)
-    from .__main__ import _write
+    from .report import write_result as _write
 
     print(_write(args.out, "decode_bench", res, markdown(res)))
     print(f"wrote decode_bench.json and decode_bench.md to {args.out}")
