@@ -25,9 +25,10 @@ def demo(args) -> int:
     print(f"GFCG testbed demo: 6 methods x 10 classes x {args.n_per_class} samples, {args.steps} Heun steps, "
           f"seed {args.seed}, {args.dtype} trunk")
     res = run_demo(args.out, n_per_class=args.n_per_class, seed=args.seed, settings=_settings(args))
-    print(f"{'method':<10} {'class precision':>16} {'NFE / image':>12}")
+    print(f"{'method':<10} {'class precision':>16} {'pair accuracy':>14} {'NFE / image':>12}")
     for r in res["rows"]:
-        print(f"{METHOD_LABELS[r['method']]:<10} {r['class_precision']:>16.3f} {r['nfe']:>12.1f}")
+        print(f"{METHOD_LABELS[r['method']]:<10} {r['class_precision']:>16.3f} {r['pair_accuracy']:>14.3f} "
+              f"{r['nfe']:>12.1f}")
     print(f"({res['n_per_class'] * 10} samples per method: a glimpse; `python -m comfyui_gfcg bench` has the numbers)")
     print(f"wrote {os.path.join(args.out, 'demo_grid.png')} and demo.json in {res['seconds']:.0f} s")
     return 0

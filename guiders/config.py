@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..common.errors import GFCGInputError, check_range  # noqa: F401  (re-exported)
-from .core import REFERENCE_MODES
+from .core import REFERENCE_MODES, SWAP_RULES
 
 CLASSIFY_INPUTS = ("current", "previous")
 
@@ -39,6 +39,9 @@ class GFCGConfig:
     fixed_reference: the class for mode 'fixed'
     classify_input:  current (D1 of this evaluation, paper order) | previous (last guided estimate)
     temperature:     softmax temperature T of the classifier's logits
+    swap_rule:       swap mode's scale for a confused sample's swapped branch (``core.swap_scale``)
+    settle_after:    a sample confident on this many consecutive classifier steps is not classified
+                     again (its decision, no guidance, stands); 0 = classify every sample every time
     """
 
     desired_class: int
@@ -52,6 +55,8 @@ class GFCGConfig:
     fixed_reference: Optional[int] = None
     classify_input: str = "current"
     temperature: float = 1.0
+    swap_rule: str = "sum"
+    settle_after: int = 0
 
     def __post_init__(self):
         self.tau = check_range("tau", self.tau, 0.0, 1.0)
@@ -62,6 +67,12 @@ class GFCGConfig:
         self.period = check_period(self.period)
         if self.reference_mode not in REFERENCE_MODES:
             raise GFCGInputError(f"reference_mode: {self.reference_mode!r} is not one of {list(REFERENCE_MODES)}")
+        if isinstance(self.settle_after, bool) or not isinstance(self.settle_after, (int, float)) or \
+                not float(self.settle_after).is_integer() or self.settle_after < 0:
+            raise GFCGInputError(f"settle_after: {self.settle_after!r} must be a whole number >= 0 (0 = off)")
+        self.settle_after = int(self.settle_after)
+        if self.swap_rule not in SWAP_RULES:
+            raise GFCGInputError(f"swap_rule: {self.swap_rule!r} is not one of {list(SWAP_RULES)}")
         if self.classify_input not in CLASSIFY_INPUTS:
             raise GFCGInputError(f"classify_input: {self.classify_input!r} is not one of {list(CLASSIFY_INPUTS)}")
         if int(self.desired_class) < 0:

@@ -152,16 +152,30 @@ def combine_additive(base: torch.Tensor, d1: torch.Tensor, d_ref: torch.Tensor, 
     return base + guidance_term(d1, d_ref, omega)
 
 
-def swap_scale(w: float, omega: torch.Tensor) -> torch.Tensor:
-    """Scale of a swapped branch (our choice):  w' = w + (omega - 1).
+SWAP_RULES = ("sum", "max", "omega", "base")
 
-    A confused sample's negative (CFG) or guide (ATG) branch is replaced by its reference branch
-    and it keeps the base strength plus the GFCG strength: w' = w exactly at the threshold
-    (omega = 1), so the total strength is continuous in p_des; only the direction changes.
+
+def swap_scale(w: float, omega: torch.Tensor, rule: str = "sum") -> torch.Tensor:
+    """Scale w' of a swapped branch: a confused sample's negative (CFG) or guide (ATG) branch is
+    replaced by its reference branch, D = D_ref + w' (D1 - D_ref). The rules:
+
+    sum:    w' = w + (omega - 1)   the base strength plus GFCG's (w' = w at the threshold, omega = 1,
+                                   so the total strength is continuous in p_des)
+    max:    w' = max(w, omega)     never weaker than the base guidance, GFCG's strength where larger
+    omega:  w' = omega             the paper's formula taken literally: D = omega D1 - (omega - 1) D_ref
+    base:   w' = w                 only the direction changes, not the strength
     """
-    return w + (omega - 1.0)
+    if rule == "sum":
+        return w + (omega - 1.0)
+    if rule == "max":
+        return torch.clamp(omega, min=float(w)) if torch.is_tensor(omega) else max(float(w), omega)
+    if rule == "omega":
+        return omega
+    if rule == "base":
+        return torch.full_like(omega, float(w)) if torch.is_tensor(omega) else float(w)
+    raise ValueError(f"swap rule must be one of {list(SWAP_RULES)}, got {rule!r}")
 
 
-def swapped_scales(w: float, decision: Decision) -> torch.Tensor:
+def swapped_scales(w: float, decision: Decision, rule: str = "sum") -> torch.Tensor:
     """Per-sample scale for a swap mode: w for confident samples, ``swap_scale`` for confused ones."""
-    return torch.where(decision.confused, swap_scale(w, decision.omega), torch.full_like(decision.omega, float(w)))
+    return torch.where(decision.confused, swap_scale(w, decision.omega, rule), torch.full_like(decision.omega, float(w)))

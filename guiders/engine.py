@@ -84,6 +84,8 @@ class GFCGEngine:
     _generator: Optional[torch.Generator] = field(default=None, init=False)
     _seed: int = field(default=0, init=False)
     _previous: Optional[torch.Tensor] = field(default=None, init=False)
+    _streak: Optional[torch.Tensor] = field(default=None, init=False)   # [B] consecutive confident decisions
+    _last_p: Optional[torch.Tensor] = field(default=None, init=False)   # [B] the p_des last seen per row
 
     def __post_init__(self):
         if self.combine not in COMBINES:
@@ -106,6 +108,8 @@ class GFCGEngine:
         self._seed = int(seed) if seed is not None else 0
         self._generator = None
         self._previous = None
+        self._streak = None
+        self._last_p = None
 
     @property
     def n_steps(self) -> int:
@@ -117,20 +121,65 @@ class GFCGEngine:
             self._generator.manual_seed(self._seed)
         return self._generator
 
-    def _decide(self, step: int, sigma: float, logits: torch.Tensor) -> core.Decision:
-        c = self.config
-        probs = core.class_probabilities(logits, c.temperature)
-        if self.desired_rows is not None:  # checked on the host, before it goes to the device
-            rows = self.desired_rows
-            if rows.shape != probs.shape[:1] or not (0 <= int(rows.min()) and int(rows.max()) < probs.shape[1]):
-                raise ValueError(f"desired_rows must hold {probs.shape[0]} class indices in 0..{probs.shape[1] - 1}")
-            desired = rows.to(probs.device, torch.long)
+    def _settled(self, batch: int) -> Optional[torch.Tensor]:
+        """[B] bool: rows confident on ``settle_after`` consecutive classifier steps (their decision,
+        no guidance, stands and they are not classified again); None when settling is off."""
+        k = self.config.settle_after
+        if k <= 0 or self._streak is None or self._streak.shape[0] != batch:
+            return None
+        return self._streak >= k
+
+    def _classify_and_decide(self, step: int, sigma: float, x0: torch.Tensor,
+                             classify: Callable[[torch.Tensor], torch.Tensor]) -> core.Decision:
+        """Classify ``x0`` (only the rows still in play when settling is on) and decide."""
+        b = x0.shape[0]
+        settled = self._settled(b)
+        if settled is None or not bool(settled.any()):
+            d = self._decide(step, sigma, classify(x0), b)
         else:
-            if not 0 <= c.desired_class < probs.shape[1]:
-                raise ValueError(f"desired_class index {c.desired_class} is outside the classifier's 0..{probs.shape[1] - 1}")
-            desired = torch.full((probs.shape[0],), c.desired_class, dtype=torch.long, device=probs.device)
-        gen = self._rng(probs.device) if c.reference_mode == "stochastic" else None
-        d = core.decide(probs, desired, c.tau, c.alpha, c.beta, c.reference_mode, c.fixed_reference, gen)
+            rows = (~settled).nonzero().squeeze(1)
+            d = self._decide(step, sigma, classify(x0[rows]) if rows.numel() else None, b, rows)
+        if self.config.settle_after > 0:
+            prev = self._streak if self._streak is not None and self._streak.shape[0] == b else \
+                torch.zeros(b, dtype=torch.long, device=d.confused.device)
+            self._streak = torch.where(d.confused, torch.zeros_like(prev), prev + 1)
+        return d
+
+    def _decide(self, step: int, sigma: float, logits: Optional[torch.Tensor], batch: int,
+                rows: Optional[torch.Tensor] = None) -> core.Decision:
+        """The decision for the batch from ``logits`` of all rows, or of ``rows`` only (the others
+        settled: confident, omega 1; ``logits`` None when no row is left)."""
+        c = self.config
+        n = batch if rows is None else int(rows.numel())
+        if self.desired_rows is not None:  # checked on the host, before it goes to the device
+            dr = self.desired_rows
+            k = logits.shape[1] if logits is not None else None
+            if dr.shape != (batch,) or (k is not None and not (0 <= int(dr.min()) and int(dr.max()) < k)):
+                raise ValueError(f"desired_rows must hold {batch} class indices in 0..{(k or 0) - 1}")
+        if logits is None:
+            d = None
+        else:
+            probs = core.class_probabilities(logits, c.temperature)
+            if self.desired_rows is not None:
+                desired = self.desired_rows.to(probs.device, torch.long)
+                desired = desired if rows is None else desired[rows.to(desired.device)]
+            else:
+                if not 0 <= c.desired_class < probs.shape[1]:
+                    raise ValueError(f"desired_class index {c.desired_class} is outside the classifier's "
+                                     f"0..{probs.shape[1] - 1}")
+                desired = torch.full((n,), c.desired_class, dtype=torch.long, device=probs.device)
+            gen = self._rng(probs.device) if c.reference_mode == "stochastic" else None
+            d = core.decide(probs, desired, c.tau, c.alpha, c.beta, c.reference_mode, c.fixed_reference, gen)
+        if rows is not None:   # settled rows: confident, their last p_des kept for the trace
+            device = d.omega.device if d is not None else self._streak.device
+            full = core.Decision.neutral(batch, device=device)
+            if self._last_p is not None:
+                full.p_des = self._last_p.to(device).clone()
+            if d is not None:
+                r = rows.to(device)
+                full.omega[r], full.reference[r], full.confused[r], full.p_des[r] = d.omega, d.reference, d.confused, d.p_des
+            d = full
+        self._last_p = d.p_des
         self.schedule.record(step, d)
         self.trace.append(TraceEntry(step, sigma, d.p_des.tolist(), d.omega.tolist(),
                                      torch.where(d.confused, d.reference, -1).tolist()))
@@ -153,7 +202,7 @@ class GFCGEngine:
         step = self.schedule.step_of(float(sigma))
         must = self.schedule.must_classify(step) and self.config.tau > 0  # tau = 0: nobody is ever confused
         if must and self.config.classify_input == "previous" and self._previous is not None:
-            self._decide(step, float(sigma), classify(self._previous))
+            self._classify_and_decide(step, float(sigma), self._previous, classify)
             must = False
 
         decision = None if must else self.schedule.current(step)
@@ -178,7 +227,7 @@ class GFCGEngine:
         got = {r.cond: o for r, o in zip(requests, outs)}
 
         if must:  # paper order: D1 -> classify -> D_ref
-            decision = self._decide(step, float(sigma), classify(d1))
+            decision = self._classify_and_decide(step, float(sigma), d1, classify)
             late = self._negative_branches(decision, swap) if use_neg and swap else []
             if wants_ref and decision.any_confused:
                 late.append(self._reference_branch(decision))
@@ -271,7 +320,7 @@ class GFCGEngine:
 
         hooked = cfg_fn if self.combine == "cfg" else None   # ComfyUI's CFG hooks are for CFG, not autoguidance
         if swap:
-            out = self._cfg(hooked, d1, base_uncond, core.swapped_scales(w, decision))
+            out = self._cfg(hooked, d1, base_uncond, core.swapped_scales(w, decision, self.config.swap_rule))
         else:
             out = self._cfg(hooked, d1, base_uncond, w) if base_uncond is not d1 else d1
             if anyc:                             # additive GFCG term on the confused rows

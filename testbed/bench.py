@@ -86,16 +86,23 @@ def run_method(tb: Testbed, method: str, desired: torch.Tensor, settings: Settin
     """Sample ``len(desired)`` images with ``method``: chunks of ``batch`` rows, chunk i with noise
     seed ``seed + i`` (so every method starts from the same noise). Returns images, NFE, seconds."""
     images, nfe, t0 = [], 0.0, time.time()
+    clf, seen = guidance_classifier_for(tb, method, settings), [0]
+
+    def counted(x):   # the classifier's rows: what sparse schedules and settling save
+        seen[0] += int(x.shape[0])
+        return clf(x)
+
     for i, start in enumerate(range(0, desired.shape[0], batch)):
         rows = desired[start:start + batch]
-        r = sample(tb.main, guidance_classifier_for(tb, method, settings), method, rows, rows.shape[0],
+        r = sample(tb.main, counted, method, rows, rows.shape[0],
                    seed=seed + i, steps=settings.steps, guide=tb.guide, cfg_scale=settings.cfg_scale,
                    atg_scale=settings.atg_scale, gfcg=settings.gfcg, mode=settings.mode, num_classes=NUM_CLASSES,
                    cg=settings.cg,
                    progress=(lambda _s: _step(progress, method)) if progress else None)
         images.append(r.images)
         nfe += r.nfe * rows.shape[0]
-    return {"images": torch.cat(images), "nfe": nfe / desired.shape[0], "seconds": time.time() - t0}
+    return {"images": torch.cat(images), "nfe": nfe / desired.shape[0], "seconds": time.time() - t0,
+            "classifier_rows": seen[0] / desired.shape[0]}
 
 
 @torch.no_grad()
@@ -186,15 +193,15 @@ def plot_benchmark(result: dict, path: str) -> None:
     names = [METHOD_LABELS.get(r["method"], r["method"]) for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
     axes[0].bar(names, [r["class_precision"] for r in rows], color="tab:blue")
-    axes[0].set_title("class precision (eval classifier) ↑")
+    axes[0].set_title("class precision (eval classifier), higher is better")
     axes[0].set_ylim(0, 1)
     axes[1].bar(names, [r["fd"] for r in rows], color="tab:orange")
-    axes[1].set_title("FD (eval-classifier features) ↓")
+    axes[1].set_title("FD (eval-classifier features), lower is better")
     for r, nm in zip(rows, names):
         axes[2].scatter(r["recall"], r["precision"], s=20 + 2 * r["nfe"])
         axes[2].annotate(nm, (r["recall"], r["precision"]), fontsize=8, xytext=(3, 3), textcoords="offset points")
-    axes[2].set_xlabel("recall ↑")
-    axes[2].set_ylabel("precision ↑")
+    axes[2].set_xlabel("recall")
+    axes[2].set_ylabel("precision")
     axes[2].set_title("k-NN precision / recall (marker ~ NFE)")
     for ax in axes[:2]:
         ax.tick_params(axis="x", rotation=30)
@@ -209,15 +216,18 @@ def plot_benchmark(result: dict, path: str) -> None:
 # Demo
 
 
-def image_grid(images: Dict[str, torch.Tensor], desired: torch.Tensor, labels: Dict[str, str], zoom: int = 2):
+def image_grid(images: Dict[str, torch.Tensor], desired: torch.Tensor, labels: Dict[str, str], zoom: int = 4,
+               rejected: Optional[Dict[str, torch.Tensor]] = None):
     """Rows = methods, columns = classes; each cell holds that method's samples of that class side
-    by side. ``images[m]``: [N, 3, 32, 32] in [-1, 1], row i requested class ``desired[i]``."""
+    by side. ``images[m]``: [N, 3, H, W] in [-1, 1], row i requested class ``desired[i]``.
+    ``rejected[m]`` [N] bool: samples the evaluation classifier does not see as their class get a
+    red frame (a wrong member of the pair, or the wrong shape altogether)."""
     from PIL import Image, ImageDraw
 
     per = int((desired == 0).sum())
     res = next(iter(images.values())).shape[-1] * zoom
-    left, top, pad = 150, 22, 4
-    cell_w = per * res + pad
+    left, top, pad, gap = 150, 22, 4, 2
+    cell_w = per * (res + gap) + pad
     w, h = left + NUM_CLASSES * cell_w, top + len(images) * (res + pad)
     canvas = Image.new("RGB", (w, h), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
@@ -231,7 +241,10 @@ def image_grid(images: Dict[str, torch.Tensor], desired: torch.Tensor, labels: D
             idx = (desired == c).nonzero().squeeze(1).tolist()
             for j, i in enumerate(idx):
                 tile = Image.fromarray(pix[i]).resize((res, res), Image.NEAREST)
-                canvas.paste(tile, (left + c * cell_w + j * res, y))
+                x = left + c * cell_w + j * (res + gap)
+                canvas.paste(tile, (x, y))
+                if rejected is not None and bool(rejected[m][i]):
+                    draw.rectangle([x, y, x + res - 1, y + res - 1], outline=(230, 0, 0), width=3)
     return canvas
 
 
@@ -244,20 +257,23 @@ def demo(out_dir: str, n_per_class: int = 2, seed: int = 0, settings: Optional[S
     tb = load_testbed(settings.dtype)
     desired = class_rows(n_per_class)
     prog = Progress(len(methods) * settings.steps, "demo")
-    images, rows = {}, []
+    images, rows, rejected = {}, [], {}
     for m in methods:
         out = run_method(tb, m, desired, settings, seed, batch=desired.shape[0], progress=prog)
         logits, _ = eval_outputs(tb, out["images"])
         images[m] = out["images"]
-        rows.append({"method": m, "class_precision": class_precision(logits, desired), "nfe": out["nfe"],
+        rejected[m] = logits.argmax(1) != desired
+        rows.append({"method": m, "class_precision": class_precision(logits, desired),
+                     "pair_accuracy": pair_accuracy(logits, desired, PAIR_OF), "nfe": out["nfe"],
                      "seconds": round(out["seconds"], 2)})
     prog.close()
     labels = {r["method"]: f"{METHOD_LABELS[r['method']]}\nprecision {r['class_precision']:.2f}" for r in rows}
     os.makedirs(out_dir, exist_ok=True)
     png, js = os.path.join(out_dir, "demo_grid.png"), os.path.join(out_dir, "demo.json")
-    image_grid(images, desired, labels).save(png)
+    image_grid(images, desired, labels, rejected=rejected).save(png)
     result = {"n_per_class": n_per_class, "seed": seed, "settings": settings.as_dict(), "classes": list(CLASS_NAMES),
-              "rows": rows, "seconds": round(time.time() - t0, 1), "grid": os.path.basename(png)}
+              "rows": rows, "seconds": round(time.time() - t0, 1), "grid": os.path.basename(png),
+              "red_frame": "the evaluation classifier does not see the sample as its requested class"}
     with open(js, "w") as f:
         json.dump(result, f, indent=1)
     return result
@@ -286,6 +302,17 @@ def sweep_rows() -> list:
     # more than one standard error; tau 0.7 by less)
     rows += [("GFCG alpha=4 period=4", "gfcg", {}, {"alpha": 4.0, "period": 4}),
              ("GFCG alpha=4 period=4 tau=0.7", "gfcg", {}, {"alpha": 4.0, "period": 4, "tau": 0.7})]
+    # swap mode's scale rule on GFCG + ATG (the form with no extra evaluations; core.swap_scale):
+    # the literal formula (omega) from alpha 0.5 up, as the paper's first experiments use 0.5
+    for rule, alphas in (("sum", (2.0, 4.0)), ("max", (2.0, 4.0, 8.0)), ("omega", (0.5, 1.0, 2.0, 4.0)), ("base", (4.0,))):
+        rows += [(f"GFCG+ATG swap {rule} alpha={a}", "gfcg+atg", {"mode": "swap"}, {"swap_rule": rule, "alpha": a})
+                 for a in alphas]
+    # sparse classifier schedules (the paper's ts / scp): the window starts late, the classifier
+    # runs every `period` steps inside it (18 steps: start 0.5 period 8 classifies at 2 steps)
+    rows += [(f"GFCG sparse start={s} period={p}", "gfcg", {}, {"window_start": s, "period": p})
+             for s, p in ((0.25, 4), (0.5, 4), (0.5, 8), (0.0, 8))]
+    # per-sample settling: a sample confident on k consecutive classifier steps is not classified again
+    rows += [(f"GFCG settle after {k}", "gfcg", {}, {"settle_after": k}) for k in (2, 4)]
     # off-the-shelf gradient guidance (all pre-conditioning on): its scale s for the testbed
     rows += [(f"CG s={s}", "cg", {"cg": CGConfig(scale=s)}, {}) for s in CG_SWEEP_SCALES]
     return rows
@@ -340,7 +367,7 @@ def cg_benchmark(n_per_class: int = 100, settings: Optional[Settings] = None, se
 
 
 def cg_markdown_table(result: dict) -> str:
-    lines = ["| method | class precision ± s.e. ↑ | FD ↓ | precision ↑ | recall ↑ | NFE / image | "
+    lines = ["| method | class precision ± s.e. (higher is better) | FD (lower) | precision | recall | NFE / image | "
              "classifier passes / image | wall time (s) |",
              "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
     for r in result["rows"]:
@@ -369,7 +396,7 @@ def run_sweep(out_dir: str, n_per_class: int = 20, settings: Optional[Settings] 
         sc = score(tb, out["images"], desired, real)
         hits = sc.pop("hits").double()
         results.append({"name": name, "method": method, **sc, "se": float(hits.std() / math.sqrt(hits.numel())),
-                        "nfe": out["nfe"], "seconds": out["seconds"]})
+                        "nfe": out["nfe"], "classifier_rows": out["classifier_rows"], "seconds": out["seconds"]})
     prog.close()
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "sweep.json")
@@ -397,11 +424,13 @@ def write_sweep(out_dir: str, res: dict) -> None:
     """sweep.json and the markdown table sweep.md (also printed)."""
     with open(os.path.join(out_dir, "sweep.json"), "w") as f:
         json.dump(res, f, indent=1)
-    lines = ["| setting | class precision ± s.e. | FD | precision | recall | NFE / image |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| setting | class precision ± s.e. | pair accuracy | FD | precision | recall | NFE / image | "
+             "classifier rows / image |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in res["rows"]:
-        lines.append(f"| {r['name']} | {r['class_precision']:.3f} ± {r['se']:.3f} | {r['fd']:.2f} | {r['precision']:.3f} "
-                     f"| {r['recall']:.3f} | {r['nfe']:.1f} |")
+        lines.append(f"| {r['name']} | {r['class_precision']:.3f} ± {r['se']:.3f} | {r.get('pair_accuracy', float('nan')):.3f} "
+                     f"| {r['fd']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | {r['nfe']:.1f} "
+                     f"| {r.get('classifier_rows', float('nan')):.1f} |")
     with open(os.path.join(out_dir, "sweep.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -26,6 +26,7 @@ CLASS_NAMES = ("disc", "ring", "square", "diamond", "plus", "tee", "triangle up"
                "two dots", "three dots")
 PAIRS = ((0, 1), (2, 3), (4, 5), (6, 7), (8, 9))
 NUM_CLASSES = len(CLASS_NAMES)
+PARTNER = torch.tensor([next(q[1 - q.index(k)] for q in PAIRS if k in q) for k in range(NUM_CLASSES)])  # the other member
 PAIR_OF = torch.tensor([next(i for i, p in enumerate(PAIRS) if k in p) for k in range(NUM_CLASSES)])  # class -> pair
 RESOLUTION = 32
 

@@ -112,9 +112,10 @@ def classifier_step_cost(tb, cfg: PerfConfig) -> dict:
 
     n = cfg.n
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(n, 3, 32, 32, generator=g)
+    res = tb.main.config.img_resolution
+    x = torch.randn(n, 3, res, res, generator=g)
     labels = F.one_hot(torch.arange(n) % 10, 10).float()
-    x0 = torch.rand(n, 3, 32, 32, generator=g)
+    x0 = torch.rand(n, 3, res, res, generator=g)
 
     def med(fn):
         fn()
@@ -212,6 +213,7 @@ def run(cfg: PerfConfig, progress=print) -> dict:
             r.update(measure_memory(r["row"], cfg))
             progress(f"memory {r['row']:<26} peak RSS {r['peak_rss_mb']:.0f} MB")
     result = {"n": cfg.n, "reps": cfg.reps, "seed": cfg.seed, "evaluations_per_run": evaluations(st.steps),
+              "resolution": tb.main.config.img_resolution,
               "settings": st.as_dict(), "device": "cpu", "threads": torch.get_num_threads(),
               "torch": torch.__version__, "rows": rows, "targets": check_targets(rows),
               "classifier_step": {"testbed": classifier_step_cost(tb, cfg)}}
@@ -245,7 +247,7 @@ def check_targets(rows: List[dict]) -> List[dict]:
 
 def markdown(res: dict) -> str:
     st = res["settings"]
-    lines = [f"Testbed (EDM2-type 32x32 pixel models, {st['dtype']} trunks; classifier fp32), {res['n']} images in one "
+    lines = [f"Testbed (EDM2-type {res.get('resolution', 32)}x{res.get('resolution', 32)} pixel models, {st['dtype']} trunks; classifier fp32), {res['n']} images in one "
              f"batch, {st['steps']} Heun steps = {res['evaluations_per_run']} evaluations, CFG / ATG scale "
              f"{st['cfg_scale']} / {st['atg_scale']}, GFCG tau {st['gfcg']['tau']} alpha {st['gfcg']['alpha']}; "
              f"{res['device']}, {res['threads']} threads, torch {res['torch']}; wall time = median of {res['reps']} "
@@ -263,7 +265,7 @@ def markdown(res: dict) -> str:
     lines += ["", "| target | measured | met |", "| --- | ---: | --- |"]
     for t in res["targets"]:
         what = "NFE" if t["measure"] == "nfe" else "wall time"
-        lines.append(f"| {t['row']} {what} ≤ {t['limit']:g} × {t['base']} | {t['ratio']:.3f} × | "
+        lines.append(f"| {t['row']} {what} <= {t['limit']:g} × {t['base']} | {t['ratio']:.3f} × | "
                      f"{'yes' if t['met'] else 'NO, by ' + format(t['ratio'] / t['limit'] - 1, '.1%')} |")
     cs = res["classifier_step"]
     tb = cs["testbed"]

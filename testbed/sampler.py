@@ -79,7 +79,7 @@ class SampleResult:
 def sample(main, classifier: Callable[[torch.Tensor], torch.Tensor], method: str, desired, n: int,
            seed: int = 0, steps: int = 32, guide=None, cfg_scale: float = 2.0, atg_scale: float = 2.0,
            gfcg: Optional[GFCGConfig] = None, mode: str = "additive", num_classes: int = 10,
-           shape=(3, 32, 32), progress: Optional[Callable[[int], None]] = None,
+           shape=None, progress: Optional[Callable[[int], None]] = None,
            sigmas: Optional[torch.Tensor] = None, cg: Optional[CGConfig] = None) -> SampleResult:
     """Heun (2nd order, Euler on the last step) from sigma_max = 80 to 0 on EDM2's rho = 7 schedule.
 
@@ -87,10 +87,13 @@ def sample(main, classifier: Callable[[torch.Tensor], torch.Tensor], method: str
     own float32 karras sigmas for a bit-level comparison.
     ``desired``: one class for all rows, or a sequence / tensor of ``n`` classes (one per row).
     ``classifier`` maps images in [0, 1] to logits; the engine sees x0 through it. Noise: one
-    ``torch.randn`` of [n, *shape] from ``torch.Generator().manual_seed(seed)``, times sigma_0.
+    ``torch.randn`` of [n, *shape] (default: the main model's C, H, W) from ``torch.Generator().manual_seed(seed)``, times sigma_0.
     Methods ``cg`` / ``cg+cfg``: off-the-shelf gradient guidance with ``cg`` (a ``CGConfig``); then
     ``classifier`` must be differentiable (e.g. the Softplus copy of the guidance classifier).
     """
+    if shape is None:   # the main model's own image size (through a counting wrapper: its ``fn``)
+        c = getattr(main, "config", None) or getattr(getattr(main, "fn", None), "config")
+        shape = (c.img_channels, c.img_resolution, c.img_resolution)
     rows = torch.as_tensor(desired, dtype=torch.long).flatten()
     rows = rows.expand(n).clone() if rows.numel() == 1 else rows
     if rows.shape[0] != n or int(rows.min()) < 0 or int(rows.max()) >= num_classes:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ..edm2.checkpoint import EDM2Checkpoint, save_safetensors
 from ..edm2.network import EDM2, EDM2Config, MPConv, MPFourier, normalize
-from .dataset import CLASS_NAMES, NUM_CLASSES, RESOLUTION, SEEDS, make_split, to_unit
+from .dataset import CLASS_NAMES, NUM_CLASSES, PARTNER, RESOLUTION, SEEDS, make_split, to_unit
 from .files import FILES, WEIGHTS_DIR
 
 
@@ -51,6 +51,11 @@ class DiffusionRecipe:
     seed: int = 0
     resolution: int = RESOLUTION
     precision: str = "bf16"            # "bf16": the forward under CPU/GPU autocast (EDM2 trains mixed-precision)
+    # within-pair label noise: from iteration `label_noise_from` on, each training image carries its
+    # pair partner's label with probability `label_noise` (fine-grained label confusion, as between
+    # neighbouring ImageNet classes): the model then draws the right pair but often the wrong member
+    label_noise: float = 0.0
+    label_noise_from: int = 0
 
     def config(self) -> EDM2Config:
         return EDM2Config(img_resolution=self.resolution, img_channels=3, label_dim=NUM_CLASSES, model_channels=self.model_channels,
@@ -112,6 +117,25 @@ def _save_atomic(obj, path: str) -> None:
     os.replace(tmp, path)
 
 
+def _continues(saved: dict, recipe: DiffusionRecipe, done: int) -> bool:
+    """Whether a checkpoint written with recipe ``saved`` after ``done`` iterations is the start of a
+    run of ``recipe``: the same recipe up to its length (the lr schedule does not depend on it) and to
+    settings that act only from a later iteration on (label noise starting at or after ``done``);
+    fields the saved recipe predates take their defaults."""
+    new = json.loads(json.dumps(asdict(recipe)))
+    old = dict(saved)
+    old.setdefault("label_noise", 0.0)
+    old.setdefault("label_noise_from", 0)
+    later = ("label_noise", "label_noise_from")
+    if {k: v for k, v in old.items() if k not in ("iterations", *later)} != \
+            {k: v for k, v in new.items() if k not in ("iterations", *later)}:
+        return False
+    same_noise = (old["label_noise"], old["label_noise_from"]) == (new["label_noise"], new["label_noise_from"])
+    no_noise_yet = (old["label_noise"] == 0 or old["label_noise_from"] >= done) and \
+        (new["label_noise"] == 0 or new["label_noise_from"] >= done)
+    return same_noise or no_noise_yet
+
+
 def train_diffusion(recipe: DiffusionRecipe, log: Optional[Callable[[dict], None]] = None,
                     checkpoint: Optional[str] = None, save_every: int = 200, snapshot_every: int = 0,
                     stop_after: Optional[float] = None, info: Optional[dict] = None):
@@ -132,22 +156,27 @@ def train_diffusion(recipe: DiffusionRecipe, log: Optional[Callable[[dict], None
     history, start, before = [], 0, 0.0
     if checkpoint and os.path.exists(checkpoint):
         st = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        # the iteration count may grow between runs (the lr schedule does not depend on it)
-        same = {k: v for k, v in json.loads(st["recipe"]).items() if k != "iterations"}
-        if same != {k: v for k, v in json.loads(json.dumps(asdict(recipe))).items() if k != "iterations"}:
+        start = int(st["iteration"])
+        if not _continues(json.loads(st["recipe"]), recipe, start):
             raise ValueError(f"checkpoint {checkpoint!r} was written for another recipe: {st['recipe']}")
         net.load_state_dict(st["net"])
         ema.load_state_dict(st["ema"])
         opt.load_state_dict(st["opt"])
         g.set_state(st["rng"])
-        start, before, history = int(st["iteration"]), float(st["seconds"]), st["history"].tolist()
+        before, history = float(st["seconds"]), st["history"].tolist()
+        if start > recipe.iterations:
+            raise ValueError(f"checkpoint {checkpoint!r} is at iteration {start}, past the recipe's "
+                             f"{recipe.iterations}; use its EMA snapshot of that iteration instead")
         if log is not None:
             log({"resumed_at": start, "seconds_before": before})
     t0 = time.time()
     it = start
     for it in range(start, recipe.iterations):
         idx = torch.randint(0, images.shape[0], (recipe.batch,), generator=g)
-        y = F.one_hot(labels[idx], NUM_CLASSES).float()
+        cls = labels[idx]
+        if recipe.label_noise > 0 and it >= recipe.label_noise_from:
+            cls = torch.where(torch.rand(recipe.batch, generator=g) < recipe.label_noise, PARTNER[cls], cls)
+        y = F.one_hot(cls, NUM_CLASSES).float()
         drop = torch.rand(recipe.batch, generator=g) < recipe.label_dropout
         y[drop] = 0.0
         x = images[idx]
@@ -272,7 +301,7 @@ def accuracy(classifier: Callable[[torch.Tensor], torch.Tensor], n: int = 2000, 
 
 RECIPES = {
     # class-conditional main model with label dropout (its zero label is the CFG negative)
-    "main": DiffusionRecipe(iterations=12000, lr_decay_from=1000),
+    "main": DiffusionRecipe(iterations=12000, lr_decay_from=1000, label_noise=0.3, label_noise_from=2000),
     # the autoguidance guide: the same family, smaller (C=16) and trained a quarter as long
     "guide": DiffusionRecipe(model_channels=16, iterations=3000, lr_decay_from=1000, seed=1),
     # guidance classifier (the one GFCG reads) and evaluation classifier (never guides), own data seeds

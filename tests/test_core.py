@@ -301,3 +301,48 @@ def test_engine_cfg_at_one_is_gfcg_alone_and_cfg_fn_shapes_only_cfg():
             assert torch.equal(res.denoised, torch.full_like(x, want)) and seen == [(0.5, 3.0)]
         else:
             assert torch.allclose(res.denoised, torch.full_like(x, 0.75 + 3.0 * 0.25)) and len(seen) == 1
+
+
+def test_swap_rules():
+    """The four swap-mode scales for w = 2 at omega = 1 (the threshold) and omega = 5."""
+    om = torch.tensor([1.0, 5.0])
+    assert core.swap_scale(2.0, om, "sum").tolist() == [2.0, 6.0]
+    assert core.swap_scale(2.0, om, "max").tolist() == [2.0, 5.0]
+    assert core.swap_scale(2.0, om, "omega").tolist() == [1.0, 5.0]
+    assert core.swap_scale(2.0, om, "base").tolist() == [2.0, 2.0]
+    with pytest.raises(GFCGInputError, match="swap_rule"):
+        GFCGConfig(desired_class=0, swap_rule="double")
+
+
+def test_settled_samples_are_not_classified_again():
+    """settle_after = 2: a row confident on two consecutive classifier steps leaves the classifier's
+    batch (and the decode) for the rest of the run, and keeps omega = 1; a confused row stays in
+    play; the trace keeps the settled row's last p_des."""
+    seen = []
+    row_probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.95, 0.05]])   # row 1 stays confused
+
+    def classify(x0):
+        ids = x0[:, 0, 0, 0].long().tolist()      # each row's x carries its row index
+        seen.append(ids)
+        return torch.log(row_probs[ids])
+
+    cfg = GFCGConfig(desired_class=0, tau=0.5, alpha=2.0, settle_after=2)
+    eng = GFCGEngine(cfg)
+    sigmas = [10.0, 8.0, 6.0, 4.0, 2.0, 0.0]
+    eng.begin(sigmas)
+    x = torch.arange(3.0).view(3, 1, 1, 1).expand(3, 1, 2, 2).clone()
+    main = lambda branches: [x if b.rows is None else x[b.rows] for b in branches]   # noqa: E731  D1 = x
+    for s in sigmas[:-1]:
+        res = eng.denoise(x, s, main, classify)
+    assert seen == [[0, 1, 2], [0, 1, 2], [1], [1], [1]]
+    last = eng.trace[-1]
+    assert last.omega[0] == 1.0 and last.omega[2] == 1.0 and last.omega[1] > 1.0
+    assert last.p_des[0] == pytest.approx(0.9) and last.reference == [-1, 1, -1]
+    assert res.denoised.shape == x.shape
+
+
+def test_settling_is_off_by_default_and_checked():
+    assert GFCGConfig(desired_class=0).settle_after == 0
+    for bad in (-1, 1.5, True):
+        with pytest.raises(GFCGInputError, match="settle_after"):
+            GFCGConfig(desired_class=0, settle_after=bad)
