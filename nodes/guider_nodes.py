@@ -33,7 +33,9 @@ def _user_error(fn, *args, **kwargs):
 
 
 def _check_class_spec(name: str, value: str, required: bool) -> str | bool:
-    v = (value or "").strip()
+    if value is None:   # fed by a link (e.g. ImageNet Class): ComfyUI validates it before it exists
+        return True
+    v = value.strip()
     if not v:
         return f"{name}: give a class name (e.g. 'golden retriever') or an index" if required else True
     if v.lstrip("-").isdigit() and int(v) < 0:

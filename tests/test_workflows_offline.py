@@ -1,7 +1,9 @@
 """The shipped workflows checked without ComfyUI: against the committed snapshots of the node schemas
 they use, one per supported ComfyUI version (tests/data/workflow_schemas/<version>.json, each kept
 current by test_workflows.py running on that version): node types, inputs, link types, widget
-values; and the editor form reads back as the API form under every version's schemas."""
+values; and the editor form reads back as the API form under every version's schemas. The editor
+forms' layout as saved (no overlaps, groups, a Note, sizes the frontends keep, links left to
+right) and each workflow's template thumbnail."""
 import json
 
 import pytest
@@ -40,3 +42,81 @@ def test_the_check_catches_bad_workflows():
     problems = "\n".join(check_against_schemas(bad, SNAP))
     for needle in ("tau", "'random'", "NOISE link into a GUIDER", "unknown node type", "'steps' missing"):
         assert needle in problems, (needle, problems)
+
+
+# ------------------------------------------------------------------------------------------------
+# The editor forms' layout, as saved (tests/test_browser.py checks it again in the live frontend)
+
+TITLE_HEIGHT = 30   # LiteGraph.NODE_TITLE_HEIGHT: a node's title bar is drawn above its pos
+
+
+def _box(node):
+    return [node["pos"][0], node["pos"][1] - TITLE_HEIGHT, node["size"][0], node["size"][1] + TITLE_HEIGHT]
+
+
+def _overlap(a, b):
+    w = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
+    h = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
+    return w > 0 and h > 0
+
+
+def _inside(inner, outer):
+    return (outer[0] <= inner[0] and outer[1] <= inner[1] and inner[0] + inner[2] <= outer[0] + outer[2]
+            and inner[1] + inner[3] <= outer[1] + outer[3])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_editor_layout_reads_left_to_right_without_overlaps(name):
+    """No two node boxes (title bar included) overlap, nor two groups; every node sits in a titled
+    group; each link runs from left to right (or down a column); a Note says what to change first;
+    every node is saved at least as large as every recorded frontend computes it
+    (tests/data/node_sizes.json), so the editor keeps the layout."""
+    from workflow_layouts import measured_sizes
+
+    ui = json.loads((REPO / "workflows" / f"{name}.json").read_text())
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    boxes = {nid: _box(n) for nid, n in nodes.items()}
+    ids = sorted(boxes)
+    overlaps = [(a, b) for i, a in enumerate(ids) for b in ids[i + 1:] if _overlap(boxes[a], boxes[b])]
+    assert not overlaps, f"{name}: overlapping nodes {overlaps}"
+    groups = ui["groups"]
+    assert groups and all(g["title"].strip() for g in groups), name
+    assert not [(a["title"], b["title"]) for i, a in enumerate(groups) for b in groups[i + 1:]
+                if _overlap(a["bounding"], b["bounding"])]
+    notes = [n for n in ui["nodes"] if n["type"] == "Note"]
+    assert len(notes) == 1, name
+    lines = [ln for ln in notes[0]["widgets_values"][0].splitlines() if ln.strip()]
+    assert 3 <= len(lines) <= 6, (name, lines)
+    assert notes[0]["inputs"] == notes[0]["outputs"] == []
+    for nid, n in nodes.items():
+        if n["type"] != "Note":
+            assert any(_inside(boxes[nid], g["bounding"]) for g in groups), f"{name}: node {nid} is in no group"
+    for _, src, _, dst, _, _ in ui["links"]:
+        a, b = nodes[src]["pos"], nodes[dst]["pos"]
+        assert a[0] < b[0] or (a[0] == b[0] and a[1] < b[1]), f"{name}: link {src} -> {dst} runs backwards"
+    for nid, (w, h) in measured_sizes(name).items():
+        assert nid in nodes, f"{name}: tests/data/node_sizes.json measured node {nid}, which the workflow lacks"
+        assert nodes[nid]["size"][0] >= w and nodes[nid]["size"][1] >= h, \
+            f"{name}: node {nid} is saved at {nodes[nid]['size']}, a frontend computes {[w, h]}"
+    assert set(measured_sizes(name)) == set(nodes), \
+        f"{name}: no measured size for some nodes: rerun tests/test_browser.py with GFCG_WRITE_WORKFLOWS=1"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_each_workflow_has_its_thumbnail(name):
+    """workflows/<name>.jpg beside the editor form: what ComfyUI's template browser shows for a custom
+    node's workflow (it asks for <name>.jpg). Written by tests/test_browser.py (GFCG_WRITE_DOCS=1)."""
+    path = REPO / "workflows" / f"{name}.jpg"
+    assert path.is_file(), f"no thumbnail {path.name}: run tests/test_browser.py with GFCG_WRITE_DOCS=1"
+    data = path.read_bytes()
+    assert data[:3] == b"\xff\xd8\xff" and 1_000 < len(data) <= 60_000, (name, len(data))
+    Image = pytest.importorskip("PIL.Image")
+    import io
+
+    with Image.open(io.BytesIO(data)) as img:
+        assert img.format == "JPEG" and 200 <= img.width <= 640 and 120 <= img.height <= 400, img.size
+
+
+def test_the_workflows_folder_holds_editor_forms_and_their_thumbnails_only():
+    files = sorted(p.name for p in (REPO / "workflows").iterdir() if p.is_file())
+    assert files == sorted([f"{n}.json" for n in NAMES] + [f"{n}.jpg" for n in NAMES])

@@ -33,19 +33,30 @@ def _depths(api):
     return {nid: depth(nid) for nid in api}
 
 
-def api_to_ui(api: dict, object_info: dict) -> dict:
+def _depth_layout(nodes, api):
+    """The fallback layout: one column per depth in the graph, rows in id order, 300 x 200 boxes."""
+    depth, rows = _depths(api), {}
+    for node in nodes:
+        d = depth[str(node["id"])]
+        row = rows.setdefault(d, 0)
+        rows[d] += 1
+        node["pos"], node["size"] = [40 + 340 * d, 40 + 260 * row], [300, 200]
+    return {}
+
+
+def api_to_ui(api: dict, object_info: dict, layout=None) -> dict:
+    """The editor form of an API workflow. ``layout(nodes)`` places the nodes (sets each one's pos and
+    size) and returns {"groups": [...], "nodes": [frontend-only nodes such as a Note]}; without it,
+    the nodes stand in depth columns."""
     nodes, links = [], []
     depth = _depths(api)
-    rows = {}
     link_id = 0
     outputs = {}   # (node, slot) -> output dict, filled below
     order = sorted(api, key=lambda n: (depth[n], int(n)))
     for k, nid in enumerate(order):
         spec, info = api[nid], object_info[api[nid]["class_type"]]
-        row = rows.setdefault(depth[nid], 0)
-        rows[depth[nid]] += 1
-        node = {"id": int(nid), "type": spec["class_type"], "pos": [40 + 340 * depth[nid], 40 + 260 * row],
-                "size": [300, 200], "flags": {}, "order": k, "mode": 0, "inputs": [], "outputs": [],
+        node = {"id": int(nid), "type": spec["class_type"], "pos": [0, 0], "size": [300, 200], "flags": {},
+                "order": k, "mode": 0, "inputs": [], "outputs": [],
                 "properties": {"Node name for S&R": spec["class_type"]}, "widgets_values": []}
         if "_meta" in spec and "title" in spec["_meta"]:
             node["title"] = spec["_meta"]["title"]
@@ -55,12 +66,18 @@ def api_to_ui(api: dict, object_info: dict) -> dict:
             outputs[(nid, slot)] = out
         for name, typ, opts, widget in _inputs(info):
             value = spec["inputs"].get(name)
-            if widget and not isinstance(value, list):
+            if widget:
                 if name not in spec["inputs"]:  # the editor stores every widget: so must the API file
                     raise ValueError(f"node {nid} ({spec['class_type']}): widget input {name!r} is missing")
-                node["widgets_values"].append(value)
+                linked = isinstance(value, list)
+                # the editor keeps a value for every widget, also one fed by a link (the widget's own socket)
+                node["widgets_values"].append(opts.get("default", "") if linked else value)
                 if opts.get("control_after_generate"):
                     node["widgets_values"].append("fixed")
+                if opts.get("image_upload"):
+                    node["widgets_values"].append("image")   # the upload button's value, as the editor saves it
+                if linked:
+                    node["inputs"].append({"name": name, "type": typ, "widget": {"name": name}, "link": None})
                 continue
             node["inputs"].append({"name": name, "type": typ, "link": None})
         nodes.append(node)
@@ -76,25 +93,41 @@ def api_to_ui(api: dict, object_info: dict) -> dict:
             src_out = outputs[(value[0], value[1])]
             src_out["links"].append(link_id)
             links.append([link_id, int(value[0]), value[1], int(nid), slot, src_out["type"]])
-    return {"last_node_id": max(int(n) for n in api), "last_link_id": link_id, "nodes": nodes, "links": links,
-            "groups": [], "config": {}, "extra": {}, "version": 0.4}
+    placed = (layout or (lambda ns: _depth_layout(ns, api)))(nodes)
+    extra = list(placed.get("nodes", []))
+    for k, node in enumerate(extra):
+        node.setdefault("order", len(nodes) + k)
+    return {"last_node_id": max([int(n) for n in api] + [n["id"] for n in extra]), "last_link_id": link_id,
+            "nodes": nodes + extra, "links": links, "groups": list(placed.get("groups", [])), "config": {},
+            "extra": {}, "version": 0.4}
+
+
+# Node types the editor has and the server does not (frontend-only: not in the API form)
+FRONTEND_ONLY = {"Note", "MarkdownNote"}
 
 
 def ui_to_api(ui: dict, object_info: dict) -> dict:
     link = {lk[0]: lk for lk in ui["links"]}
     api = {}
     for node in ui["nodes"]:
+        if node["type"] in FRONTEND_ONLY:
+            continue
         info = object_info[node["type"]]
         inputs, values = {}, list(node.get("widgets_values", []))
         linked = {inp["name"]: inp["link"] for inp in node.get("inputs", []) if inp.get("link") is not None}
         for name, typ, opts, widget in _inputs(info):
+            has_value = widget and bool(values)
+            if has_value:   # every widget has its value, linked or not
+                value = values.pop(0)
+                if opts.get("control_after_generate") and values:
+                    values.pop(0)
+                if opts.get("image_upload") and values and values[0] == "image":
+                    values.pop(0)
             if name in linked:
                 lk = link[linked[name]]
                 inputs[name] = [str(lk[1]), lk[2]]
-            elif widget and values:
-                inputs[name] = values.pop(0)
-                if opts.get("control_after_generate"):
-                    values.pop(0)
+            elif has_value:
+                inputs[name] = value
         api[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
     return api
 
@@ -122,7 +155,12 @@ def strip_meta(api: dict) -> dict:
 # ------------------------------------------------------------------------------------------------
 # A committed snapshot of the node schemas the workflows use, for checks without ComfyUI
 
-FILE_EXTENSIONS = (".safetensors", ".sft", ".pt", ".pth", ".pkl", ".bin", ".ckpt", ".txt")
+FILE_EXTENSIONS = (".safetensors", ".sft", ".pt", ".pth", ".pkl", ".bin", ".ckpt", ".txt",
+                   ".png", ".jpg", ".jpeg", ".webp")   # model files, class lists, input images (LoadImage)
+
+# combos whose options depend on what is installed, not on the ComfyUI version: kept without options
+# (``"installed": true``), any non-empty name passes
+INSTALL_DEPENDENT = {("GFCGLoadZeroShotClassifier", "architecture")}   # open_clip.list_models()
 
 
 def _is_file_combo(options) -> bool:
@@ -142,10 +180,14 @@ def schema_snapshot(api_workflows, object_info: dict) -> dict:
             entry["input"][group] = {}
             for name, spec in specs.items():
                 typ, opts = spec[0], dict(spec[1]) if len(spec) > 1 and isinstance(spec[1], dict) else {}
-                keep = {k: opts[k] for k in ("default", "min", "max", "control_after_generate", "multiline") if k in opts}
+                keep = {k: opts[k] for k in ("default", "min", "max", "control_after_generate", "multiline",
+                                             "image_upload") if k in opts}
                 if isinstance(typ, list) or typ == "COMBO":
                     options = typ if isinstance(typ, list) else opts.get("options", [])
-                    if _is_file_combo(options):
+                    if (t, name) in INSTALL_DEPENDENT:
+                        keep = {"installed": True}
+                        options = []
+                    elif _is_file_combo(options):
                         keep["files"] = True
                         options = []
                     entry["input"][group][name] = ["COMBO", dict(keep, options=list(options))]
@@ -184,8 +226,11 @@ def check_against_schemas(api: dict, snap: dict) -> list:
                 if got != typ and "*" not in (got, typ):
                     problems.append(f"{nid} {t}.{name}: a {got} link into a {typ} input")
             elif typ == "COMBO":
-                if opts.get("files"):
-                    if not (str(value).lower().endswith(FILE_EXTENSIONS) or value == "pixel_space"):
+                if opts.get("installed"):
+                    if not (isinstance(value, str) and value.strip()):
+                        problems.append(f"{nid} {t}.{name}: {value!r} is not a name")
+                elif opts.get("files"):
+                    if not (str(value).lower().endswith(FILE_EXTENSIONS) or value in ("pixel_space", "(none)")):
                         problems.append(f"{nid} {t}.{name}: {value!r} is not a model file name")
                 elif value not in opts["options"]:
                     problems.append(f"{nid} {t}.{name}: {value!r} not among {opts['options'][:6]}")
