@@ -2,8 +2,7 @@
 fetch the images through /view) with small random-weight stand-ins written under the users' file
 names: tiny EDM2 nets in NVlabs' pickle format, the SD VAE architecture, a ResNet-50. The test
 lowers steps and resolution in its copy of each workflow; the graph is the shipped one.
-(SD1.5 is not run: a stand-in needs the full 860 M-parameter UNet, as ComfyUI recognises SD1.5
-by its layer shapes; its workflow is validated in test_workflows.py.)"""
+(SD1.5 runs in test_comfy_sd15_run.py, with a full-size random-weight checkpoint.)"""
 import io
 import json
 import urllib.request
