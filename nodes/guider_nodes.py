@@ -85,8 +85,10 @@ def gfcg_optional_inputs():
                       tooltip="Text models: the CLIP that encodes the reference prompt (prompt_template with "
                               "the reference class name). Class-label models need none."),
         io.String.Input("prompt_template", default="a photo of a {}", optional=True,
-                        tooltip="Text models: the reference prompt; {} is replaced by the class name. "
-                                "Encodings are cached per class."),
+                        tooltip="Text models: the reference prompt; {} is replaced by the class name. Write "
+                                "your positive prompt here with {} where the class goes (e.g. 'a photo of a {} on "
+                                "grass'), so that the reference differs from it only in the class. Encodings are "
+                                "cached per class."),
         io.String.Input("fixed_reference_class", default="", optional=True,
                         tooltip="For reference = fixed: the class to guide away from (name or index)."),
         io.Combo.Input("classify_input", options=["current", "previous"], default="current", optional=True,

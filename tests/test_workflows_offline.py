@@ -120,3 +120,22 @@ def test_each_workflow_has_its_thumbnail(name):
 def test_the_workflows_folder_holds_editor_forms_and_their_thumbnails_only():
     files = sorted(p.name for p in (REPO / "workflows").iterdir() if p.is_file())
     assert files == sorted([f"{n}.json" for n in NAMES] + [f"{n}.jpg" for n in NAMES])
+
+
+def test_text_references_differ_from_the_positive_only_in_the_class():
+    """Every shipped text-model graph's reference template, with the desired class put in, is its
+    positive prompt: D1 - D_ref then contrasts the class and nothing else of the prompt."""
+    checked = 0
+    for path in sorted((REPO / "workflows" / "api").glob("*.json")):
+        api = json.loads(path.read_text())
+        for node in api.values():
+            inp = node["inputs"]
+            if node["class_type"] != "GFCGGuider" or "clip" not in inp:
+                continue
+            positive = api[inp["positive"][0]]
+            assert positive["class_type"] == "CLIPTextEncode", path.name
+            desired = inp["desired_class"]
+            assert isinstance(desired, str), path.name
+            assert inp["prompt_template"].format(desired) == positive["inputs"]["text"], path.name
+            checked += 1
+    assert checked >= 2
