@@ -93,6 +93,9 @@ class PixelDecoder:
     def _rgb_factors(self, fmt, device):
         """The format's latent-to-RGB factors [C, 3] and bias [1, 3, 1, 1] on ``device`` (made once)."""
         if self._rgb is None or self._rgb[0].device != torch.device(device):
+            if getattr(fmt, "latent_rgb_factors", None) is None:
+                raise GFCGInputError(f"decode: ComfyUI has no latent_rgb preview colours for {type(fmt).__name__} "
+                                     "latents; use decode = vae (or taesd where ComfyUI has a TAESD for them)")
             factors = torch.tensor(fmt.latent_rgb_factors, dtype=torch.float32)
             bias = getattr(fmt, "latent_rgb_factors_bias", None)
             bias = torch.zeros(3) if bias is None else torch.tensor(bias, dtype=torch.float32)

@@ -162,6 +162,12 @@ class GFCGGuider(comfy.samplers.CFGGuider):
 
     def _classify(self, x0: torch.Tensor) -> torch.Tensor:
         pixels = self.decoder(self.inner_model, x0)
+        if not getattr(self, "_warned_nonfinite", False) and not bool(torch.isfinite(pixels).all()):
+            self._warned_nonfinite = True   # p_des is then NaN and those samples count as confident
+            log.warning("decode: the %s decode of the denoised estimate holds NaN or infinite pixels, so the "
+                        "classifier cannot judge those samples and GFCG leaves them alone; the decoder may be "
+                        "broken (e.g. a half-written TAESD or VAE file) or overflow in fp16: try another decode "
+                        "or VAE", self.decoder.method)
         module = self.classifier.classifier
         dev = next(module.parameters()).device
         return module(pixels if pixels.device == dev else pixels.to(dev))

@@ -20,7 +20,7 @@ NAMES = sorted(p.stem for p in API_DIR.glob("*.json"))
 SNAPSHOTS = REPO / "tests" / "data" / "workflow_schemas"   # one per ComfyUI version, <version>.json
 
 # the model files the workflows name, by ComfyUI folder (see docs/model_files.md)
-FILES = {"checkpoints": ["v1-5-pruned-emaonly.safetensors"],
+FILES = {"checkpoints": ["v1-5-pruned-emaonly.safetensors", "sd_xl_base_1.0.safetensors"],
          "vae": ["vae-ft-mse-840000-ema-pruned.safetensors"],
          "gfcg_classifiers": ["resnet50.a1_in1k.safetensors"],
          "gfcg_clip": ["CLIP-ViT-B-32-laion2B-s34B-b79K.safetensors"],
@@ -82,7 +82,7 @@ def test_comfyui_validates_the_workflow(env, placeholder_files, name):
 
 def test_every_api_workflow_has_an_editor_form_and_nothing_else():
     assert NAMES == sorted(p.stem for p in (REPO / "workflows").glob("*.json"))
-    assert len(NAMES) == 9
+    assert len(NAMES) == 10
 
 
 COVERAGE_START, COVERAGE_END = "<!-- node coverage: tests/test_workflows.py -->", "<!-- end of node coverage -->"

@@ -124,7 +124,8 @@ def test_the_workflows_folder_holds_editor_forms_and_their_thumbnails_only():
 
 def test_text_references_differ_from_the_positive_only_in_the_class():
     """Every shipped text-model graph's reference template, with the desired class put in, is its
-    positive prompt: D1 - D_ref then contrasts the class and nothing else of the prompt."""
+    positive prompt (for CLIP Text Encode (SDXL) both text_g and text_l, since the reference prompt goes
+    to both of SDXL's encoders): D1 - D_ref then contrasts the class and nothing else of the prompt."""
     checked = 0
     for path in sorted((REPO / "workflows" / "api").glob("*.json")):
         api = json.loads(path.read_text())
@@ -133,9 +134,15 @@ def test_text_references_differ_from_the_positive_only_in_the_class():
             if node["class_type"] != "GFCGGuider" or "clip" not in inp:
                 continue
             positive = api[inp["positive"][0]]
-            assert positive["class_type"] == "CLIPTextEncode", path.name
             desired = inp["desired_class"]
             assert isinstance(desired, str), path.name
-            assert inp["prompt_template"].format(desired) == positive["inputs"]["text"], path.name
+            reference = inp["prompt_template"].format(desired)
+            if positive["class_type"] == "CLIPTextEncodeSDXL":
+                # the reference is encoded with clip.tokenize(text): the same text for both encoders
+                texts = [positive["inputs"]["text_g"], positive["inputs"]["text_l"]]
+            else:
+                assert positive["class_type"] == "CLIPTextEncode", (path.name, positive["class_type"])
+                texts = [positive["inputs"]["text"]]
+            assert texts == [reference] * len(texts), (path.name, texts, reference)
             checked += 1
-    assert checked >= 2
+    assert checked >= 3

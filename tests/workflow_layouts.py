@@ -154,6 +154,20 @@ LAYOUTS = {
         "- alpha 4: the largest extra push (the testbed sweep's best).",
         "- GFCG Combiner: mode additive or swap; scale 2 is the autoguidance weight.",
     ]), {14: (340, 360)}),
+    "sdxl_gfcg_cfg": Layout([
+        [Group("Models (SDXL base, classifier)", [1, 2], "models")],
+        [Group("Prompts (SDXL)", [3, 4], "conditioning"), Group("Latent", [5], "conditioning")],
+        [Group("GFCG + CFG", [6, 7], "guidance")],
+        [Group("Sampling", [[8, 9, 10], [11]], "sampling")],
+        [Group("Decode and save", [12, 13], "output"), Group("What the classifier saw", [14, 15], "trace")],
+    ], "\n".join([
+        STARTS,
+        "- desired_class (GFCG Guider): the ImageNet class you want, now red fox; put it in both prompt "
+        "boxes (text_g, text_l) and keep prompt_template the same prompt with {} for the class.",
+        "- tau 0.5: samples the classifier is at least this sure of get no push; 0 turns GFCG off.",
+        "- alpha 4: the largest extra push, for samples the classifier doubts most; lower it if images break up.",
+        "- GFCG Combiner: mode additive (one more branch) or swap (CFG's cost); scale 7 is the CFG scale.",
+    ]), {13: (340, 360), 15: (440, 320), 3: (380, 420), 4: (380, 420)}),
     "testbed_gfcg_ksampler_patch": Layout([
         [Group("Models (testbed)", [1, 2, 3], "models")],
         [Group("GFCG Model Patch", [7], "guidance"), Group("Class labels and latent", [4, 5, 6], "conditioning")],
