@@ -119,6 +119,16 @@ def decodebench(args) -> int:
 
 def train(args) -> int:
     from .testbed.files import FILES, WEIGHTS_DIR
+
+    if args.curve:
+        from .testbed.curve import curve_markdown, plot_curve, training_curve
+
+        res = training_curve(args.curve, progress=lambda line: print(line, file=sys.stderr, flush=True))
+        out = os.path.join("testbed", "results")
+        print(_write(out, "training_curve", res, curve_markdown(res)))
+        plot_curve(res, os.path.join(out, "training_curve.png"))
+        print(f"wrote training_curve.json, .md and .png to {out}")
+        return 0
     from .testbed.train import plot_loss_curves, train_testbed
 
     names = args.only or list(FILES)
@@ -130,6 +140,12 @@ def train(args) -> int:
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
+    if args.iterations:
+        import dataclasses
+
+        from .testbed import train as T
+        for n in names:   # a longer (or shorter) run of the same recipe, e.g. to continue the main run
+            T.RECIPES[n] = dataclasses.replace(T.RECIPES[n], iterations=args.iterations)
     record = train_testbed(names, out, stop_after=None if args.stop_after is None else 60 * args.stop_after)
     if any(n in record for n in FILES):
         plot_loss_curves(record, os.path.join(out, "loss_curves.png"))
@@ -194,6 +210,10 @@ def main(argv=None) -> int:
     t.add_argument("--stop-after", type=float, default=None, help="minutes after which a diffusion model's "
                    "training saves its state (testbed/checkpoints) and stops; the same command resumes it")
     t.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
+    t.add_argument("--iterations", type=int, default=0, help="train the named models for this many iterations "
+                   "instead of their recipe's (e.g. continue the main run past the committed snapshot)")
+    t.add_argument("--curve", default=None, metavar="NAME", help="instead of training: sample every EMA snapshot "
+                   "of run NAME (e.g. main) unguided and write testbed/results/training_curve.{json,md,png}")
     args = p.parse_args(argv)
     return {"train": train, "demo": demo, "bench": bench, "sweep": sweep, "toy": toy, "cgbench": cgbench,
             "decodebench": decodebench}[args.cmd](args)

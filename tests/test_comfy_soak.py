@@ -118,6 +118,7 @@ def test_interrupt_mid_sampling_then_identical_rerun(server):
     assert stage == "success", h
     assert not any(m[0] == "execution_cached" and SAMPLER in m[1]["nodes"] for m in h["status"]["messages"])
     again = _latent(base, h)
-    assert again.shape == reference.shape == (8, 3, 32, 32)
+    res = make_testbed_prompt()["5"]["inputs"]["resolution"]
+    assert again.shape == reference.shape == (8, 3, res, res)
     assert (again == reference).all(), f"max |difference| {(again - reference).abs().max().item()}"
     assert time.time() - t0 < 600

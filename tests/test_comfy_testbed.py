@@ -1,4 +1,4 @@
-"""The shipped testbed workflow (GFCG + autoguidance on the pack's 32x32 testbed models), run
+"""The shipped testbed workflow (GFCG + autoguidance on the pack's 16x16 testbed models), run
 through ComfyUI's HTTP API, against the headless sampler on the same seed and settings; and the
 editor form of the workflow against its API form."""
 import json
@@ -76,7 +76,9 @@ def test_testbed_workflow_reproduces_the_headless_sampler(server):
                guide=tb.guide, atg_scale=c["scale"], gfcg=cfg, mode=c["mode"], sigmas=sigmas)
     diff = (comfy_x - r.images).abs().max().item()
     print(f"ComfyUI run {seconds:.2f} s; max |ComfyUI - headless| = {diff:.3g} (pixels in [-1, 1])")
-    assert comfy_x.shape == r.images.shape == (n, 3, 32, 32)
+    res = api["5"]["inputs"]["resolution"]
+    assert res == tb.main.config.img_resolution                # the workflow draws at the model's own size
+    assert comfy_x.shape == r.images.shape == (n, 3, res, res)
     # The same noise, sigmas, decisions and arithmetic; only the preconditioning is written in a
     # different order of float32 operations (ComfyUI's model_sampling vs the EDM2 module), so
     # agreement is to round-off: well below one 8-bit level (2/255 in [-1, 1]).

@@ -29,7 +29,7 @@ from comfyui_gfcg.guiders.config import GFCGConfig
 from comfyui_gfcg.guiders.engine import GFCGEngine
 from comfyui_gfcg.guiders.gradient import CGConfig
 from comfyui_gfcg.testbed.bench import CG_SCALE, Settings, guidance_classifier_for
-from comfyui_gfcg.testbed.dataset import NUM_CLASSES
+from comfyui_gfcg.testbed.dataset import NUM_CLASSES, RESOLUTION
 from comfyui_gfcg.testbed.models import load_testbed
 from comfyui_gfcg.testbed.sampler import CG_METHODS, sample
 
@@ -132,7 +132,7 @@ def first_run(dtype, case, n=1):
 def test_same_seed_bit_identical_every_method(dtype, case):
     a = first_run(dtype, case)
     b = run(dtype, case, SEED)
-    assert a.images.shape == (1, 3, 32, 32) and torch.isfinite(a.images).all()
+    assert a.images.shape == (1, 3, RESOLUTION, RESOLUTION) and torch.isfinite(a.images).all()
     assert_guidance_engaged(a, case)
     assert_identical(a, b, f"{case} {dtype} n=1")
     c = run(dtype, case, OTHER_SEED)
@@ -150,7 +150,7 @@ def test_same_seed_bit_identical_every_method(dtype, case):
 def test_batch_same_seed_bit_identical(dtype, case):
     a = first_run(dtype, case, N_BATCH)
     b = run(dtype, case, SEED, N_BATCH)
-    assert a.images.shape == (N_BATCH, 3, 32, 32) and torch.isfinite(a.images).all()
+    assert a.images.shape == (N_BATCH, 3, RESOLUTION, RESOLUTION) and torch.isfinite(a.images).all()
     assert_guidance_engaged(a, case)
     assert_identical(a, b, f"{case} {dtype} n={N_BATCH}")
     # the rows asked for different classes from different noise: no row repeats another

@@ -172,3 +172,26 @@ def test_partner_and_pair_tables():
     for a, b in PAIRS:
         assert PARTNER[a] == b and PARTNER[b] == a and PAIR_OF[a] == PAIR_OF[b]
     assert len(set(PAIR_OF.tolist())) == len(PAIRS)
+
+
+def test_a_shorter_recipe_of_the_same_run_is_its_snapshot(tmp_path, monkeypatch):
+    """The guide recipe = the main recipe stopped earlier: train_testbed takes the main run's EMA
+    snapshot at that length (no training of its own) and records whose snapshot it is."""
+    import json
+
+    from comfyui_gfcg.testbed import train as T
+
+    long, short = _tiny_recipe(iterations=4), _tiny_recipe(iterations=2)
+    monkeypatch.setitem(T.RECIPES, "main", long)
+    monkeypatch.setitem(T.RECIPES, "guide", short)
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    train_diffusion(long, checkpoint=str(ck / "main.pt"), snapshot_every=2)
+    rec = T.train_testbed(["guide"], out_dir=str(tmp_path / "w"), log=lambda *_: None, checkpoint_dir=str(ck))
+    assert rec["guide"]["snapshot_of"] == "main" and len(rec["guide"]["loss_every_10"]) == 1
+    saved = build_network(read_checkpoint(str(tmp_path / "w" / "edm2" / "gfcg_testbed_guide.safetensors")))
+    snap = build_network(read_checkpoint(str(ck / "main.pt.ema2.safetensors")))
+    x, y = torch.randn(2, 3, RESOLUTION, RESOLUTION), torch.eye(10)[:2]
+    torch.testing.assert_close(saved(x, 1.3, y), snap(x, 1.3, y))
+    assert json.loads(read_checkpoint(str(tmp_path / "w" / "edm2" / "gfcg_testbed_guide.safetensors")).source
+                      .split("testbed:", 1)[1])["recipe"]["iterations"] == 2
