@@ -211,6 +211,29 @@ def api_wait(url, prompt_id, timeout=240):
     pytest.fail("prompt did not finish")
 
 
+def view_image(url, info):
+    """An output image of a finished prompt, fetched through ComfyUI's /view."""
+    import io
+
+    from PIL import Image
+
+    q = f"filename={info['filename']}&subfolder={info['subfolder']}&type={info['type']}"
+    return Image.open(io.BytesIO(urllib.request.urlopen(f"{url}/view?{q}", timeout=30).read()))
+
+
+def small_text_prompt(name, size=64, steps=2):
+    """A shipped text-to-image workflow (API form) at ``size`` x ``size``, batch 1, ``steps`` steps."""
+    from workflow_format import strip_meta
+
+    prompt = strip_meta(json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text()))
+    for v in prompt.values():
+        if v["class_type"] == "EmptyLatentImage":
+            v["inputs"].update(width=size, height=size, batch_size=1)
+        if v["class_type"] == "BasicScheduler":
+            v["inputs"]["steps"] = steps
+    return prompt
+
+
 def make_testbed_prompt(steps=2, batch=1, seed=0, prefix="gfcg_api"):
     """The shipped testbed workflow (API form) with fewer steps, another batch size and seed."""
     from workflow_format import strip_meta

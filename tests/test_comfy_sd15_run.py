@@ -9,16 +9,12 @@ prompts and the reference prompts, 2 dpmpp_2m steps with CFG and GFCG, decode, t
 a minute with the server's start.
 The random weights are drawn with a small standard deviation so that no activation overflows
 fp16 and every number stays finite; the pictures mean nothing, the plumbing is the point."""
-import io
-import json
 import time
-import urllib.request
 
 import pytest
 import torch
 
-from conftest import REPO, api_post, api_wait, load_comfy
-from workflow_format import strip_meta
+from conftest import api_post, api_wait, load_comfy, small_text_prompt, view_image
 
 pytestmark = pytest.mark.comfy
 
@@ -104,30 +100,18 @@ def sd15_files(server):
     return server
 
 
-def _view(url, info):
-    from PIL import Image
-
-    q = f"filename={info['filename']}&subfolder={info['subfolder']}&type={info['type']}"
-    return Image.open(io.BytesIO(urllib.request.urlopen(f"{url}/view?{q}", timeout=30).read()))
-
-
 def test_sd15_workflow_runs_over_http(sd15_files):
     url, _, base = sd15_files
-    prompt = strip_meta(json.loads((REPO / "workflows" / "api" / "sd15_gfcg_cfg.json").read_text()))
+    prompt = small_text_prompt("sd15_gfcg_cfg", size=64, steps=2)
     kinds = {v["class_type"] for v in prompt.values()}
     assert {"CheckpointLoaderSimple", "GFCGGuider", "GFCGCombiner", "SamplerCustomAdvanced"} <= kinds
-    for v in prompt.values():
-        if v["class_type"] == "EmptyLatentImage":
-            v["inputs"].update(width=64, height=64, batch_size=1)
-        if v["class_type"] == "BasicScheduler":
-            v["inputs"]["steps"] = 2
     t0 = time.time()
     h = api_wait(url, api_post(url, "/prompt", {"prompt": prompt})["prompt_id"], timeout=900)
     seconds = time.time() - t0
     assert h["status"]["status_str"] == "success", h["status"]
     saved = next(o["images"] for k, o in h["outputs"].items() if prompt[k]["class_type"] == "SaveImage")
-    img = _view(url, saved[0])
+    img = view_image(url, saved[0])
     assert img.size == (64, 64)
     trace = next(o["images"] for k, o in h["outputs"].items() if prompt[k]["class_type"] == "PreviewImage")
-    assert _view(url, trace[0]).size == (1000, 560)
+    assert view_image(url, trace[0]).size == (1000, 560)
     print(f"sd15_gfcg_cfg: 64x64, 2 steps, {seconds:.0f} s over HTTP; image and trace fetched through /view")

@@ -20,18 +20,15 @@ the machine's used memory rose by about 13 GB. Recorded in docs/text_to_image.md
 
 The random weights are drawn with a small standard deviation so that every number stays finite;
 the pictures mean nothing, the plumbing is the point."""
-import io
 import json
 import re
 import struct
 import time
-import urllib.request
 
 import pytest
 import torch
 
-from conftest import COMFYUI, REPO, SKIP_REASON, api_post, api_wait, load_comfy, run_server
-from workflow_format import strip_meta
+from conftest import COMFYUI, REPO, SKIP_REASON, api_post, api_wait, load_comfy, run_server, small_text_prompt, view_image
 
 pytestmark = pytest.mark.comfy
 
@@ -132,13 +129,6 @@ def write_streamed_safetensors(path, layout: dict, value) -> int:
     return params
 
 
-def _view(url, info):
-    from PIL import Image
-
-    q = f"filename={info['filename']}&subfolder={info['subfolder']}&type={info['type']}"
-    return Image.open(io.BytesIO(urllib.request.urlopen(f"{url}/view?{q}", timeout=30).read()))
-
-
 @pytest.fixture(scope="module")
 def sdxl_server(tmp_path_factory):
     import os
@@ -188,23 +178,18 @@ def _peak_rss_gb(pid: int) -> float:
 
 def test_sdxl_workflow_runs_over_http(sdxl_server):
     url, base = sdxl_server
-    prompt = strip_meta(json.loads((REPO / "workflows" / "api" / "sdxl_gfcg_cfg.json").read_text()))
+    prompt = small_text_prompt("sdxl_gfcg_cfg", size=64, steps=2)
     kinds = {v["class_type"] for v in prompt.values()}
     assert {"CheckpointLoaderSimple", "CLIPTextEncodeSDXL", "GFCGGuider", "GFCGCombiner",
             "SamplerCustomAdvanced"} <= kinds
-    for v in prompt.values():
-        if v["class_type"] == "EmptyLatentImage":
-            v["inputs"].update(width=64, height=64, batch_size=1)
-        if v["class_type"] == "BasicScheduler":
-            v["inputs"]["steps"] = 2
     t0 = time.time()
     h = api_wait(url, api_post(url, "/prompt", {"prompt": prompt})["prompt_id"], timeout=1200)
     seconds = time.time() - t0
     assert h["status"]["status_str"] == "success", h["status"]
     saved = next(o["images"] for k, o in h["outputs"].items() if prompt[k]["class_type"] == "SaveImage")
-    assert _view(url, saved[0]).size == (64, 64)
+    assert view_image(url, saved[0]).size == (64, 64)
     trace = next(o["images"] for k, o in h["outputs"].items() if prompt[k]["class_type"] == "PreviewImage")
-    assert _view(url, trace[0]).size == (1000, 560)
+    assert view_image(url, trace[0]).size == (1000, 560)
     log = (base / "server.log").read_text()
     # ComfyUI took the file for SDXL (its model class and its two-encoder CLIP), not for another family
     assert "Requested to load SDXL" in log and "SDXLClipModel" in log, log[-3000:]

@@ -3,14 +3,12 @@ fetch the images through /view) with small random-weight stand-ins written under
 names: tiny EDM2 nets in NVlabs' pickle format, the SD VAE architecture, a ResNet-50. The test
 lowers steps and resolution in its copy of each workflow; the graph is the shipped one.
 (SD1.5 runs in test_comfy_sd15_run.py, with a full-size random-weight checkpoint.)"""
-import io
 import json
-import urllib.request
 
 import pytest
 import torch
 
-from conftest import REPO, api_post, api_wait, load_comfy
+from conftest import REPO, api_post, api_wait, load_comfy, view_image
 from workflow_format import strip_meta
 
 pytestmark = pytest.mark.comfy
@@ -55,13 +53,6 @@ def _shrink(prompt, steps, resolution):
     return prompt
 
 
-def _view(url, info):
-    from PIL import Image
-
-    q = f"filename={info['filename']}&subfolder={info['subfolder']}&type={info['type']}"
-    return Image.open(io.BytesIO(urllib.request.urlopen(f"{url}/view?{q}", timeout=30).read()))
-
-
 @pytest.mark.parametrize("name,resolution,pixels", [("edm2_img512_s_gfcg_autoguidance", 8, 64),
                                                     ("edm2_img64_gfcg_cfg", 16, 16)])
 def test_edm2_workflow_runs_over_http(stand_ins, name, resolution, pixels):
@@ -71,6 +62,6 @@ def test_edm2_workflow_runs_over_http(stand_ins, name, resolution, pixels):
     assert h["status"]["status_str"] == "success", h["status"]
     assert not (base / "SENTINEL").exists()                  # the pickles' embedded code never ran
     saved = next(o["images"] for k, o in h["outputs"].items() if prompt[k]["class_type"] == "SaveImage")
-    assert len(saved) == 2 and _view(url, saved[0]).size == (pixels, pixels)
+    assert len(saved) == 2 and view_image(url, saved[0]).size == (pixels, pixels)
     trace = next(o["images"] for k, o in h["outputs"].items() if prompt[k]["class_type"] == "PreviewImage")
-    assert _view(url, trace[0]).size == (1000, 560)
+    assert view_image(url, trace[0]).size == (1000, 560)
