@@ -123,8 +123,11 @@ def train(args) -> int:
     if args.curve:
         from .testbed.curve import curve_markdown, plot_curve, training_curve
 
-        res = training_curve(args.curve, progress=lambda line: print(line, file=sys.stderr, flush=True))
         out = os.path.join("testbed", "results")
+        prev = os.path.join(out, "training_curve.json")
+        earlier = json.load(open(prev)) if os.path.exists(prev) else None
+        res = training_curve(args.curve, progress=lambda line: print(line, file=sys.stderr, flush=True),
+                             earlier=earlier)
         print(_write(out, "training_curve", res, curve_markdown(res)))
         plot_curve(res, os.path.join(out, "training_curve.png"))
         print(f"wrote training_curve.json, .md and .png to {out}")
@@ -146,7 +149,8 @@ def train(args) -> int:
         from .testbed import train as T
         for n in names:   # a longer (or shorter) run of the same recipe, e.g. to continue the main run
             T.RECIPES[n] = dataclasses.replace(T.RECIPES[n], iterations=args.iterations)
-    record = train_testbed(names, out, stop_after=None if args.stop_after is None else 60 * args.stop_after)
+    record = train_testbed(names, out, stop_after=None if args.stop_after is None else 60 * args.stop_after,
+                           warm_start=args.warm_start)
     if any(n in record for n in FILES):
         plot_loss_curves(record, os.path.join(out, "loss_curves.png"))
     return 0
@@ -212,6 +216,9 @@ def main(argv=None) -> int:
     t.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
     t.add_argument("--iterations", type=int, default=0, help="train the named models for this many iterations "
                    "instead of their recipe's (e.g. continue the main run past the committed snapshot)")
+    t.add_argument("--warm-start", action="store_true", help="where a diffusion model's checkpoint is missing "
+                   "(testbed/checkpoints is not in git), rebuild it from the committed weights and record and "
+                   "go on from there (network and EMA from the weights, Adam's moments from zero)")
     t.add_argument("--curve", default=None, metavar="NAME", help="instead of training: sample every EMA snapshot "
                    "of run NAME (e.g. main) unguided and write testbed/results/training_curve.{json,md,png}")
     args = p.parse_args(argv)

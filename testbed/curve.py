@@ -35,7 +35,11 @@ def snapshots(name: str = "main", checkpoint_dir: str = CHECKPOINT_DIR):
 
 @torch.no_grad()
 def training_curve(name: str = "main", n_per_class: int = 20, seed: int = 0, checkpoint_dir: str = CHECKPOINT_DIR,
-                   weights_dir: str = WEIGHTS_DIR, settings: Optional[Settings] = None, progress=print) -> dict:
+                   weights_dir: str = WEIGHTS_DIR, settings: Optional[Settings] = None, progress=print,
+                   earlier: Optional[dict] = None) -> dict:
+    """Rows for every snapshot on disk; ``earlier`` (a previous result of this function on the same
+    samples and settings) keeps its rows for iterations whose snapshots are gone (the checkpoint
+    folder is not in git)."""
     settings = settings or Settings()
     dt = getattr(torch, settings.dtype)
     gclf = load_timm_classifier(os.path.join(weights_dir, FILES["guidance_classifier"]))
@@ -53,6 +57,10 @@ def training_curve(name: str = "main", n_per_class: int = 20, seed: int = 0, che
         rows.append({"iteration": it, **s})
         progress(f"{name} ema{it}: class precision {s['class_precision']:.3f}, pair accuracy "
                  f"{s['pair_accuracy']:.3f}, k-NN precision {s['precision']:.3f}")
+    if earlier and (earlier.get("model"), earlier.get("n_per_class"), earlier.get("seed"), earlier.get("settings")) \
+            == (name, n_per_class, seed, settings.as_dict()):
+        have = {r["iteration"] for r in rows}
+        rows = sorted(rows + [r for r in earlier["rows"] if r["iteration"] not in have], key=lambda r: r["iteration"])
     return {"model": name, "n_per_class": n_per_class, "seed": seed, "settings": settings.as_dict(),
             "targets": TARGETS, "rows": rows}
 

@@ -106,10 +106,13 @@ def edm2_loss(net: EDM2, x: torch.Tensor, labels: torch.Tensor, generator: torch
     return (lam / logvar.exp() * per + logvar).mean()
 
 
-def _diffusion_state(net, ema, opt, g, it, history, seconds, recipe) -> dict:
-    return {"recipe": json.dumps(asdict(recipe)), "iteration": it, "seconds": seconds,
-            "history": torch.tensor(history, dtype=torch.float32), "rng": g.get_state(),
-            "net": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict()}
+def _diffusion_state(net, ema, opt, g, it, history, seconds, recipe, warm_start: str = "") -> dict:
+    st = {"recipe": json.dumps(asdict(recipe)), "iteration": it, "seconds": seconds,
+          "history": torch.tensor(history, dtype=torch.float32), "rng": g.get_state(),
+          "net": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict()}
+    if warm_start:   # the run went on from rebuilt state here (checkpoint_from_weights)
+        st["warm_start"] = warm_start
+    return st
 
 
 def _save_atomic(obj, path: str) -> None:
@@ -137,6 +140,37 @@ def _continues(saved: dict, recipe: DiffusionRecipe, done: int) -> bool:
     return same_noise or no_noise_yet
 
 
+def checkpoint_from_weights(recipe: DiffusionRecipe, weights: str, record: dict, path: str) -> dict:
+    """Rebuild a lost training checkpoint from the committed weights of a finished run.
+
+    The committed file holds the run's EMA network (fp16); the checkpoint that continued it bit
+    for bit did not survive (it is kept outside git). The rebuilt state starts the network *and* its
+    EMA from those weights, Adam's moments from zero, and the data generator from
+    ``seed + iteration``; the loss history is the record's 10-iteration means, each repeated 10
+    times (its recorded curve is unchanged), and the wall time is the record's. Resuming from it is
+    a warm start, not the same run: ``train_testbed`` records that in the run's ``runs_note``."""
+    if json.loads(json.dumps({**asdict(recipe), "iterations": 0})) != json.loads(json.dumps({**record["recipe"], "iterations": 0})):
+        raise ValueError(f"{weights!r} was trained with another recipe: {record['recipe']}")
+    done = int(record["recipe"]["iterations"])
+    ck = read_checkpoint(weights)
+    net = EDM2(recipe.config())
+    net.load_state_dict({k: v.float() for k, v in ck.state_dict.items()}, strict=True)
+    net.requires_grad_(True)     # trainable as in init_edm2: all but the Fourier features
+    for m in net.modules():
+        if isinstance(m, MPFourier):
+            m.requires_grad_(False)
+    ema = copy.deepcopy(net).requires_grad_(False)
+    opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=recipe.lr, betas=(0.9, 0.99))
+    g = torch.Generator().manual_seed(recipe.seed + done)
+    history = [v for v in record["loss_every_10"] for _ in range(10)][:done]
+    saved = dataclasses.replace(recipe, iterations=done)
+    note = f"rebuilt at iteration {done} from {os.path.basename(weights)}"
+    state = _diffusion_state(net, ema, opt, g, done, history, float(record["seconds"]), saved, note)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    _save_atomic(state, path)
+    return state
+
+
 def train_diffusion(recipe: DiffusionRecipe, log: Optional[Callable[[dict], None]] = None,
                     checkpoint: Optional[str] = None, save_every: int = 200, snapshot_every: int = 0,
                     stop_after: Optional[float] = None, info: Optional[dict] = None):
@@ -154,7 +188,7 @@ def train_diffusion(recipe: DiffusionRecipe, log: Optional[Callable[[dict], None
     force_normalize(net)
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=recipe.lr, betas=(0.9, 0.99))
-    history, start, before = [], 0, 0.0
+    history, start, before, warm = [], 0, 0.0, ""
     if checkpoint and os.path.exists(checkpoint):
         st = torch.load(checkpoint, map_location="cpu", weights_only=True)
         start = int(st["iteration"])
@@ -165,6 +199,7 @@ def train_diffusion(recipe: DiffusionRecipe, log: Optional[Callable[[dict], None
         opt.load_state_dict(st["opt"])
         g.set_state(st["rng"])
         before, history = float(st["seconds"]), st["history"].tolist()
+        warm = str(st.get("warm_start", ""))
         if start > recipe.iterations:
             raise ValueError(f"checkpoint {checkpoint!r} is at iteration {start}, past the recipe's "
                              f"{recipe.iterations}; use its EMA snapshot of that iteration instead")
@@ -206,17 +241,17 @@ def train_diffusion(recipe: DiffusionRecipe, log: Optional[Callable[[dict], None
                            seconds=before + time.time() - t0)
         out_of_time = stop_after is not None and time.time() - t0 > stop_after
         if checkpoint and (done_its % save_every == 0 or out_of_time) and done_its < recipe.iterations:
-            _save_atomic(_diffusion_state(net, ema, opt, g, done_its, history, before + time.time() - t0, recipe),
+            _save_atomic(_diffusion_state(net, ema, opt, g, done_its, history, before + time.time() - t0, recipe, warm),
                          checkpoint)
         if out_of_time and done_its < recipe.iterations:
             if info is not None:
-                info.update(iterations=done_its, seconds=before + time.time() - t0, done=False)
+                info.update(iterations=done_its, seconds=before + time.time() - t0, done=False, warm_start=warm)
             return ema, history
     total = before + time.time() - t0
     if checkpoint:
-        _save_atomic(_diffusion_state(net, ema, opt, g, recipe.iterations, history, total, recipe), checkpoint)
+        _save_atomic(_diffusion_state(net, ema, opt, g, recipe.iterations, history, total, recipe, warm), checkpoint)
     if info is not None:
-        info.update(iterations=recipe.iterations, seconds=total, done=True)
+        info.update(iterations=recipe.iterations, seconds=total, done=True, warm_start=warm)
     return ema, history
 
 
@@ -326,14 +361,17 @@ def _thin(history, every: int = 10):
 
 def _snapshot_of_longer_run(name: str, recipe, checkpoint_dir: str):
     """(run, snapshot path, seconds, loss history) where another testbed recipe is this one run
-    longer and its checkpoint left an EMA snapshot at this recipe's length; else None."""
+    longer, or this run's own checkpoint went past this recipe's length, and the checkpoint left an
+    EMA snapshot at this recipe's length; else None."""
     if not isinstance(recipe, DiffusionRecipe):
         return None
-    for other, r in RECIPES.items():
-        if other == name or not isinstance(r, DiffusionRecipe) or r.iterations <= recipe.iterations:
-            continue
-        if {**asdict(r), "iterations": 0} != {**asdict(recipe), "iterations": 0}:
-            continue
+    own = os.path.join(checkpoint_dir, f"{name}.pt")
+    candidates = [other for other, r in RECIPES.items() if other != name and isinstance(r, DiffusionRecipe)
+                  and r.iterations > recipe.iterations
+                  and {**asdict(r), "iterations": 0} == {**asdict(recipe), "iterations": 0}]
+    if os.path.exists(own) and int(torch.load(own, map_location="cpu", weights_only=True)["iteration"]) > recipe.iterations:
+        candidates.insert(0, name)
+    for other in candidates:
         snap = os.path.join(checkpoint_dir, f"{other}.pt.ema{recipe.iterations}.safetensors")
         ck = os.path.join(checkpoint_dir, f"{other}.pt")
         if os.path.exists(snap) and os.path.exists(ck):
@@ -357,7 +395,7 @@ CHECKPOINT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "check
 
 
 def train_testbed(names, out_dir: str = WEIGHTS_DIR, log=print, checkpoint_dir: str = CHECKPOINT_DIR,
-                  stop_after: Optional[float] = None, snapshot_every: int = 1000) -> dict:
+                  stop_after: Optional[float] = None, snapshot_every: int = 1000, warm_start: bool = False) -> dict:
     """Train the named testbed models, save their weights and record recipe, seeds, wall time,
     loss curve and (classifiers) held-out accuracy in ``training.json``.
 
@@ -388,8 +426,26 @@ def train_testbed(names, out_dir: str = WEIGHTS_DIR, log=print, checkpoint_dir: 
             net = build_network(ck)
             entry.update(parameters=sum(p.numel() for p in net.parameters()), snapshot_of=other)
             t0 = time.time() - (seconds or 0.0)
+            if other == name:   # this run went on past the recipe: its own snapshot at the recipe's length
+                del entry["snapshot_of"]
+                st = torch.load(os.path.join(checkpoint_dir, f"{name}.pt"), map_location="cpu", weights_only=True)
+                old_note = record.get(name, {}).get("runs_note")
+                if st.get("warm_start") and old_note and "Then rebuilt" not in old_note:
+                    old_note += (f" Then {st['warm_start']} (the checkpoint was lost with its machine): network "
+                                 "and EMA from those fp16 weights, Adam's moments from zero, data RNG reseeded; "
+                                 "iterations and seconds go on from the record.")
+                if old_note:
+                    entry["runs_note"] = old_note
+                entry["stopped_note"] = (f"the run's EMA snapshot at {recipe.iterations}; the run itself went on "
+                                         f"to {int(st['iteration'])} (training_curve.md)")
         elif isinstance(recipe, DiffusionRecipe):
             os.makedirs(checkpoint_dir, exist_ok=True)
+            ck_path = os.path.join(checkpoint_dir, f"{name}.pt")
+            if warm_start and not os.path.exists(ck_path) and name in record and os.path.exists(path):
+                checkpoint_from_weights(recipe, path, record[name], ck_path)
+                log(f"[{name}] no checkpoint: rebuilt {ck_path} from {path} at iteration "
+                    f"{record[name]['recipe']['iterations']} (a warm start: Adam's moments from zero)")
+            old_note = record.get(name, {}).get("runs_note")
             info = {}
             net, history = train_diffusion(recipe, progress, checkpoint=os.path.join(checkpoint_dir, f"{name}.pt"),
                                            snapshot_every=snapshot_every, stop_after=stop_after, info=info)
@@ -400,6 +456,11 @@ def train_testbed(names, out_dir: str = WEIGHTS_DIR, log=print, checkpoint_dir: 
             save_diffusion(net, recipe, path, history)
             entry["parameters"] = sum(p.numel() for p in net.parameters())
             t0 = time.time() - info["seconds"]  # the recorded wall time: all runs together
+            if info.get("warm_start"):
+                entry["runs_note"] = " ".join(x for x in (old_note, f"Then {info['warm_start']} (the checkpoint "
+                                              "was lost with its machine): network and EMA from those fp16 "
+                                              "weights, Adam's moments from zero, data RNG reseeded; "
+                                              "iterations and seconds go on from the record.") if x)
         else:
             net, history = train_classifier(recipe, progress)
             save_classifier(net, recipe, path)

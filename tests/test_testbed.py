@@ -86,6 +86,32 @@ def test_a_checkpoint_of_another_recipe_is_refused(tmp_path):
         train_diffusion(_tiny_recipe(lr=0.02), checkpoint=ck)
 
 
+def test_a_lost_checkpoint_is_rebuilt_from_the_committed_weights(tmp_path):
+    """The warm start: a finished run's weights and record become a checkpoint at its last
+    iteration (network and EMA = the fp16 weights, the recorded loss curve and seconds kept), the
+    run goes on from there, and the note says so; a record of another recipe is refused."""
+    from comfyui_gfcg.testbed.train import _thin, checkpoint_from_weights
+    from dataclasses import asdict
+
+    r = _tiny_recipe(iterations=20)
+    ema, hist = train_diffusion(r)
+    w = str(tmp_path / "main.safetensors")
+    save_diffusion(ema, r, w, hist)
+    record = {"recipe": asdict(r), "seconds": 12.5, "loss_every_10": [round(v, 5) for v in _thin(hist)]}
+    ck = str(tmp_path / "main.pt")
+    st = checkpoint_from_weights(_tiny_recipe(iterations=24), w, record, ck)
+    assert st["iteration"] == 20 and st["seconds"] == 12.5 and "rebuilt at iteration 20" in st["warm_start"]
+    assert _thin(st["history"].tolist()) == pytest.approx(record["loss_every_10"])
+    saved = read_checkpoint(w).state_dict
+    assert all(torch.equal(st["net"][k], saved[k].float()) for k in saved)
+    info = {}
+    _, h = train_diffusion(_tiny_recipe(iterations=24), checkpoint=ck, info=info)
+    assert info["done"] and len(h) == 24 and info["warm_start"] == st["warm_start"]
+    assert info["seconds"] >= 12.5
+    with pytest.raises(ValueError, match="another recipe"):
+        checkpoint_from_weights(_tiny_recipe(lr=0.5), w, record, str(tmp_path / "other.pt"))
+
+
 def test_stop_after_saves_and_a_rerun_finishes(tmp_path):
     ck = str(tmp_path / "main.pt")
     info = {}
