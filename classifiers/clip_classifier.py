@@ -234,21 +234,31 @@ class ZeroShotClassifier(ImageClassifier):
     or open_clip's ``ResizeKeepRatio`` (bicubic, rounded) for a non-square input size. Bicubic
     overshoot is clamped to [0, 1] as on open_clip's PIL path (straight-through for gradients)."""
 
+    def resize_size(self, h: int, w: int):
+        """The size open_clip's eval transform resizes an h x w image to before its centre crop:
+        squash: the input size; square input: torchvision's Resize(size), long side
+        int(size * long / short); else ResizeKeepRatio, (round(h / r), round(w / r)) with
+        r = min(h / th, w / tw)."""
+        dc = self.data_config
+        th, tw = int(dc.input_size[1]), int(dc.input_size[2])
+        if dc.crop_mode == "squash":
+            return th, tw
+        if th == tw:
+            short, long = min(h, w), max(h, w)
+            new_long = int(th * long / short)
+            return (new_long, th) if w <= h else (th, new_long)
+        ratio = min(h / th, w / tw)
+        return round(h / ratio), round(w / ratio)
+
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         dc = self.data_config
         th, tw = int(dc.input_size[1]), int(dc.input_size[2])
         x = images.float()
         h, w = x.shape[-2:]
         mode = dc.interpolation if dc.interpolation in ("bilinear", "bicubic") else "bicubic"
-        if dc.crop_mode == "squash":
-            size = (th, tw)
-        elif th == tw:
-            short, long = min(h, w), max(h, w)
-            new_long = int(th * long / short)
-            size = (new_long, th) if w <= h else (th, new_long)
-        else:
-            ratio = min(h / th, w / tw)
-            size, mode = (round(h / ratio), round(w / ratio)), "bicubic"
+        size = self.resize_size(h, w)
+        if dc.crop_mode != "squash" and th != tw:
+            mode = "bicubic"
         if tuple(size) != (h, w):
             x = F.interpolate(x, size=tuple(size), mode=mode, align_corners=False, antialias=True)
             x = straight_through_clamp(x)

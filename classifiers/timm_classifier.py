@@ -138,6 +138,17 @@ class ImageClassifier(torch.nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.net.parameters()).dtype
 
+    def resize_size(self, h: int, w: int) -> Tuple[int, int]:
+        """The size (sh, sw) the eval transform resizes an h x w image to before its centre crop:
+        squash: (floor(th / crop_pct), floor(tw / crop_pct)); else the short side to
+        floor(min(th, tw) / crop_pct), aspect kept, never below the crop."""
+        dc = self.data_config
+        th, tw = int(dc.input_size[1]), int(dc.input_size[2])
+        if dc.crop_mode == "squash":
+            return int(math.floor(th / dc.crop_pct)), int(math.floor(tw / dc.crop_pct))
+        scale = math.floor(min(th, tw) / dc.crop_pct) / min(h, w)
+        return max(th, round(h * scale)), max(tw, round(w * scale))
+
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """timm's eval transform on a batch: short side -> floor(size / crop_pct), centre crop to
         ``input_size``, normalise with mean/std. ``images``: [B, 3, H, W] in [0, 1]."""
@@ -145,11 +156,7 @@ class ImageClassifier(torch.nn.Module):
         th, tw = int(dc.input_size[1]), int(dc.input_size[2])
         x = images.float()
         h, w = x.shape[-2:]
-        if dc.crop_mode == "squash":
-            sh, sw = int(math.floor(th / dc.crop_pct)), int(math.floor(tw / dc.crop_pct))
-        else:
-            scale = math.floor(min(th, tw) / dc.crop_pct) / min(h, w)
-            sh, sw = max(th, round(h * scale)), max(tw, round(w * scale))
+        sh, sw = self.resize_size(h, w)
         if (sh, sw) != (h, w):
             mode = dc.interpolation if dc.interpolation in ("bilinear", "bicubic", "nearest") else "bilinear"
             x = F.interpolate(x, size=(sh, sw), mode=mode, antialias=mode != "nearest",

@@ -2,15 +2,21 @@
 TAESD, or the latent format's latent-to-RGB factors, and which patchers load with the model."""
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from ..classifiers.timm_classifier import straight_through_clamp
 from ..common.errors import GFCGInputError
 from .grad_copy import plain_resident_copy
-from .pixels import is_pixel_vae, latent_rgb
+from .pixels import auto_latent_size, is_pixel_vae, latent_rgb
+
+log = logging.getLogger("comfyui_gfcg")
 
 
-DECODE_METHODS = ("vae", "taesd", "latent_rgb")
+DECODE_METHODS = ("auto", "vae", "taesd", "latent_rgb")
+AUTO_RESOLUTION = 0.0     # decode_resolution = 0: the size the classifier consumes (auto_latent_size)
+_told = set()             # fallbacks already logged (once per format and choice)
 
 
 def _decoder_only_copy(vae) -> torch.nn.Module:
@@ -38,13 +44,42 @@ def taesd_input(model, x0: torch.Tensor):
                          f"use decode = vae or latent_rgb")
 
 
+def taesd_files(name: str) -> list:
+    import folder_paths
+
+    return [f for f in folder_paths.get_filename_list("vae_approx") if f.startswith(name)]
+
+
+def resolve_decode(model, vae, method: str) -> str:
+    """decode = auto: ComfyUI's TAESD where models/vae_approx holds the one for the model's latent
+    format, the full VAE otherwise (logged once per format); other methods as they are."""
+    if method != "auto":
+        return method
+    if vae is None or is_pixel_vae(vae):
+        return "vae"     # pixel space: nothing is decoded
+    fmt = getattr(model, "latent_format", None)
+    name = getattr(fmt, "taesd_decoder_name", None) or (getattr(fmt, "gfcg_taesd", None) or (None,))[0]
+    choice = "taesd" if name and taesd_files(name) else "vae"
+    key = (type(fmt).__name__, choice)
+    if key not in _told:
+        _told.add(key)
+        if choice == "taesd":
+            log.info("GFCG decode = auto: TAESD (%s) from models/vae_approx for the classifier's view of %s latents",
+                     name, type(fmt).__name__)
+        else:
+            log.info("GFCG decode = auto: no TAESD %sin models/vae_approx, so the classifier's view of %s latents is "
+                     "decoded with the full VAE (slower; put %s.safetensors there for the fast path)",
+                     f"({name}) " if name else "for them ", type(fmt).__name__, name or "a TAESD decoder")
+    return choice
+
+
 def load_taesd(name: str, latent_channels: int):
     """ComfyUI's TAESD decoder ``name`` from models/vae_approx (file name starting with ``name``,
     as ComfyUI's previewer finds it), built with inference mode off (usable by autograd)."""
     import folder_paths
     from comfy.taesd.taesd import TAESD
 
-    files = [f for f in folder_paths.get_filename_list("vae_approx") if f.startswith(name)]
+    files = taesd_files(name)
     if not files:
         roots = ", ".join(folder_paths.get_folder_paths("vae_approx"))
         raise GFCGInputError(f"decode: taesd needs {name}.safetensors (or .pth) in models/vae_approx ({roots}); "
@@ -59,20 +94,27 @@ class PixelDecoder:
     ``method``: ``vae`` decodes with the VAE's own decoder module (already loaded with the main
     model), skipping ``VAE.decode``'s round trip to the intermediate device; ``taesd`` with
     ComfyUI's tiny TAESD decoder from models/vae_approx; ``latent_rgb`` with the latent format's
-    linear latent-to-RGB preview factors (no network). ``resolution`` < 1 first shrinks x0
-    (antialiased bilinear), so the decoder and the classifier's resize work on fewer pixels.
-    Pixel-space models only map [-1, 1] -> [0, 1].
+    linear latent-to-RGB preview factors (no network); ``auto`` must be resolved first
+    (``resolve_decode``). ``resolution`` < 1 first shrinks x0 (antialiased bilinear), so the
+    decoder and the classifier's resize work on fewer pixels; 0 (auto) shrinks it to what the
+    classifier consumes (``auto_latent_size`` with ``resize_size``, the classifier's own resize
+    rule; not for latent_rgb, whose pixels are the latent's). Pixel-space models only map
+    [-1, 1] -> [0, 1].
 
     Values are clamped to [0, 1] with a straight-through gradient. ``prepare_gradients`` makes
     the decoders differentiable (copies whose weights autograd may use); ``release`` drops them.
     """
 
-    def __init__(self, vae=None, method: str = "vae", resolution: float = 1.0):
-        if method not in DECODE_METHODS:
-            raise GFCGInputError(f"decode: {method!r} is not one of {', '.join(DECODE_METHODS)}")
-        if not 0.0 < float(resolution) <= 1.0:
-            raise GFCGInputError(f"decode_resolution: {resolution!r} must be in (0, 1]")
+    def __init__(self, vae=None, method: str = "vae", resolution: float = 1.0, resize_size=None):
+        if method not in DECODE_METHODS or method == "auto":
+            raise GFCGInputError(f"decode: {method!r} is not one of {', '.join(DECODE_METHODS[1:])} (resolve auto "
+                                 "with resolve_decode first)")
+        if not 0.0 <= float(resolution) <= 1.0:
+            raise GFCGInputError(f"decode_resolution: {resolution!r} must be in [0, 1] (0 = auto)")
+        if float(resolution) == AUTO_RESOLUTION and resize_size is None:
+            raise GFCGInputError("decode_resolution: 0 (auto) needs the classifier's resize rule")
         self.vae, self.method, self.resolution = vae, method, float(resolution)
+        self.resize_size = resize_size
         self._taesd = None
         self._grad_vae = None
         self._rgb = None
@@ -102,11 +144,28 @@ class PixelDecoder:
             self._rgb = (factors.to(device), bias.view(1, 3, 1, 1).to(device))
         return self._rgb
 
-    def _shrink(self, x0: torch.Tensor) -> torch.Tensor:
+    def _ratio(self) -> int:
+        """Pixels per latent pixel of the decoder (the VAE's downscale ratio; 8 where it has none)."""
+        if self.method == "latent_rgb":
+            return 1
+        r = getattr(self.vae, "downscale_ratio", 8)
+        return r if isinstance(r, int) and r > 0 else 8
+
+    def target_size(self, h: int, w: int):
+        """The latent size x0 is decoded at."""
+        if self.resolution == AUTO_RESOLUTION:
+            if self.method == "latent_rgb" or self.vae is None or is_pixel_vae(self.vae):
+                return h, w   # the latent's own pixels / pixel space: shrinking only loses detail
+            return auto_latent_size(h, w, self._ratio(), self.resize_size)
         if self.resolution >= 1.0:
-            return x0
+            return h, w
+        return max(1, round(h * self.resolution)), max(1, round(w * self.resolution))
+
+    def _shrink(self, x0: torch.Tensor) -> torch.Tensor:
         h, w = x0.shape[-2:]
-        size = (max(1, round(h * self.resolution)), max(1, round(w * self.resolution)))
+        size = self.target_size(h, w)
+        if size == (h, w):
+            return x0
         return torch.nn.functional.interpolate(x0, size=size, mode="bilinear", antialias=True, align_corners=False)
 
     def __call__(self, model, x0: torch.Tensor) -> torch.Tensor:
@@ -144,6 +203,7 @@ def additional_models(classifier, vae, decode: str) -> list:
     decoder runs during sampling (not for decode = taesd / latent_rgb, nor the pixel_space VAE,
     which decodes nothing: pixel-space x0 is mapped as it is)."""
     extra = [classifier.patcher]
-    if vae is not None and getattr(vae, "patcher", None) is not None and decode == "vae" and not is_pixel_vae(vae):
+    if vae is not None and getattr(vae, "patcher", None) is not None and decode in ("vae", "auto") \
+            and not is_pixel_vae(vae):
         extra.append(vae.patcher)
     return extra

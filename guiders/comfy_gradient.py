@@ -19,7 +19,7 @@ import comfy.samplers
 from ..common.errors import GFCGInputError
 from .callconv import named_arguments
 from .checks import check_finite_latent, check_vae, per_row_classes
-from .comfy_decode import PixelDecoder, additional_models
+from .comfy_decode import PixelDecoder, additional_models, resolve_decode
 from .comfy_hooks import post_cfg_hooks, pre_cfg_hooks, report_trace
 from .gradient import CGConfig, CGEngine, softplus_copy
 
@@ -35,12 +35,13 @@ class ClassifierGuidanceGuider(comfy.samplers.CFGGuider):
         if cfg != 1.0 and negative is None:
             raise GFCGInputError("negative: cfg != 1 needs the negative conditioning (or set cfg to 1)")
         check_vae(model_patcher.model, vae)
+        decode = resolve_decode(model_patcher.model, vae, decode)
         mp = model_patcher.clone()
         mp.set_additional_models("gfcg_cg", additional_models(classifier, vae, decode))
         super().__init__(mp)
         self.config = config
         self.classifier = classifier
-        self.decoder = PixelDecoder(vae, decode, decode_resolution)
+        self.decoder = PixelDecoder(vae, decode, decode_resolution, classifier.classifier.resize_size)
         self.engine = CGEngine(config, scale=float(cfg))
         self._grad_classifier: Optional[torch.nn.Module] = None
         conds = {"positive": positive}

@@ -25,7 +25,7 @@ from ..common.errors import GFCGInputError
 from .callconv import call_with_supported, extra_arguments, named_arguments
 from .checks import (check_finite_latent, check_guide_model, check_label_use, check_vae, make_reference,
                      per_row_classes)
-from .comfy_decode import PixelDecoder, additional_models
+from .comfy_decode import PixelDecoder, additional_models, resolve_decode
 from .comfy_forward import batched_forward, guide_options, single_device
 from .comfy_hooks import comfy_cfg_function, post_cfg_hooks, pre_cfg_hooks, report_trace
 from .config import GFCGConfig
@@ -57,6 +57,7 @@ class GFCGGuider(comfy.samplers.CFGGuider):
                            vae=vae, clip=clip, prompt_template=prompt_template, decode=decode,
                            decode_resolution=decode_resolution)
         check_vae(model_patcher.model, vae)
+        decode = resolve_decode(model_patcher.model, vae, decode)
         mp = model_patcher.clone()
         extra = additional_models(classifier, vae, decode)
         if guide_patcher is not None:
@@ -73,7 +74,7 @@ class GFCGGuider(comfy.samplers.CFGGuider):
         self.reference = make_reference(positive, classifier.class_names, clip, prompt_template)
         check_label_use(model_patcher.model, guide_patcher.model if guide_patcher is not None else None,
                         self.reference, combine, mode)
-        self.decoder = PixelDecoder(vae, decode, decode_resolution)
+        self.decoder = PixelDecoder(vae, decode, decode_resolution, classifier.classifier.resize_size)
         self.guide_patcher = guide_patcher
         self.cfg = float(scale) if combine == "cfg" else 1.0
         self.set_conds(positive, negative if combine == "cfg" else None)

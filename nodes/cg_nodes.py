@@ -65,7 +65,7 @@ class ClassifierGuidanceNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, classifier, desired_class, scale, gamma, softplus_beta, tau1, tau2,
-                classifier_input, cfg, negative=None, vae=None, decode="vae", decode_resolution=1.0) -> io.NodeOutput:
+                classifier_input, cfg, negative=None, vae=None, decode="auto", decode_resolution=0.0) -> io.NodeOutput:
         desired = _user_error(resolve_class, desired_class, classifier.class_names, "desired_class")
         beta = math.inf if softplus_beta == 0 else float(softplus_beta)
         config = _user_error(CGConfig, desired_class=desired, scale=scale, gamma=gamma, softplus_beta=beta, tau1=tau1,

@@ -10,17 +10,21 @@ from ._api import ClassifierType, io
 
 REFERENCE_CHOICES = ["deterministic", "stochastic", "fixed"]
 
-DECODE_TOOLTIP = ("How the classifier sees a latent estimate: vae = the full VAE decoder (exact, slowest); taesd = "
-                  "ComfyUI's tiny TAESD decoder from models/vae_approx (fast, approximate); latent_rgb = the latent "
-                  "format's linear preview colours (nearly free, coarse). Pixel-space models ignore it.")
-RESOLUTION_TOOLTIP = ("Decode a shrunken estimate: 1 = full size, 0.5 = half the width and height (about 4x cheaper "
-                      "decoding; the classifier resizes to its own input size anyway).")
+DECODE_TOOLTIP = ("How the classifier sees a latent estimate: auto = TAESD where models/vae_approx has the one for "
+                  "this model's latents, else the full VAE (the console says which, once); vae = the full VAE "
+                  "decoder (exact, slowest); taesd = ComfyUI's tiny TAESD decoder from models/vae_approx (fast, "
+                  "approximate); latent_rgb = the latent format's linear preview colours (nearly free, coarse). "
+                  "Pixel-space models ignore it.")
+RESOLUTION_TOOLTIP = ("Decode a shrunken estimate: 0 = auto, just the size the classifier reads (its own resize "
+                      "before the crop, e.g. 240 px of a 512 image for ResNet-50); 1 = full size; 0.5 = half the "
+                      "width and height (about 4x cheaper decoding; the classifier resizes to its input size anyway).")
 
 
-def decode_inputs():
+def decode_inputs(default: str = "auto", resolution: float = 0.0):
     """The decode choice inputs shared by the GFCG and the gradient guider nodes."""
-    return [io.Combo.Input("decode", options=list(DECODE_METHODS), default="vae", optional=True, tooltip=DECODE_TOOLTIP),
-            io.Float.Input("decode_resolution", default=1.0, min=0.125, max=1.0, step=0.125, optional=True,
+    return [io.Combo.Input("decode", options=list(DECODE_METHODS), default=default, optional=True,
+                           tooltip=DECODE_TOOLTIP),
+            io.Float.Input("decode_resolution", default=resolution, min=0.0, max=1.0, step=0.125, optional=True,
                            tooltip=RESOLUTION_TOOLTIP)]
 
 
@@ -99,11 +103,15 @@ def gfcg_optional_inputs():
                        tooltip="Softmax temperature T of the classifier (p = softmax(logits / T)); T > 1 "
                                "flattens p so more samples fall under tau."),
         *decode_inputs(),
+        io.Int.Input("settle_after", default=0, min=0, max=1000, optional=True,
+                     tooltip="A sample the classifier found confident (p >= tau) on this many classifier steps in "
+                             "a row is not decoded or classified again: its decision (no guidance) stands. "
+                             "0 = classify every sample on every classifier step."),
     ]
 
 
 def gfcg_config(names, desired_class, tau, alpha, beta, window_start, window_end, period, reference,
-                fixed_reference_class="", classify_input="current", temperature=1.0) -> GFCGConfig:
+                fixed_reference_class="", classify_input="current", temperature=1.0, settle_after=0) -> GFCGConfig:
     """The GFCGConfig of a node's inputs (class names resolved in the classifier's vocabulary)."""
     if reference not in REFERENCE_CHOICES:
         raise ValueError(f"reference: {reference!r} is not one of {REFERENCE_CHOICES}")
@@ -113,7 +121,7 @@ def gfcg_config(names, desired_class, tau, alpha, beta, window_start, window_end
         fixed = _user_error(resolve_class, fixed_reference_class, names, "fixed_reference_class")
     return _user_error(GFCGConfig, desired_class=desired, tau=tau, alpha=alpha, beta=beta, window_start=window_start,
                        window_end=window_end, period=period, reference_mode=reference, fixed_reference=fixed,
-                       classify_input=classify_input, temperature=temperature)
+                       classify_input=classify_input, temperature=temperature, settle_after=settle_after)
 
 
 
@@ -152,9 +160,10 @@ class GFCGGuiderNode(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, classifier, desired_class, tau, alpha, beta, window_start, window_end, period,
                 reference, vae=None, clip=None, prompt_template="a photo of a {}", fixed_reference_class="",
-                classify_input="current", temperature=1.0, decode="vae", decode_resolution=1.0) -> io.NodeOutput:
+                classify_input="current", temperature=1.0, settle_after=0, decode="auto",
+                decode_resolution=0.0) -> io.NodeOutput:
         config = gfcg_config(classifier.class_names, desired_class, tau, alpha, beta, window_start, window_end, period,
-                             reference, fixed_reference_class, classify_input, temperature)
+                             reference, fixed_reference_class, classify_input, temperature, settle_after)
         guider = _user_error(GFCGGuider, model, config, classifier, positive, vae=vae, clip=clip,
                              prompt_template=prompt_template, decode=decode, decode_resolution=decode_resolution)
         return io.NodeOutput(guider)
@@ -229,9 +238,10 @@ class GFCGModelPatchNode(io.ComfyNode):
     @classmethod
     def execute(cls, model, classifier, desired_class, tau, alpha, beta, window_start, window_end, period, reference,
                 mode="additive", vae=None, clip=None, prompt_template="a photo of a {}", fixed_reference_class="",
-                classify_input="current", temperature=1.0, decode="vae", decode_resolution=1.0) -> io.NodeOutput:
+                classify_input="current", temperature=1.0, settle_after=0, decode="auto",
+                decode_resolution=0.0) -> io.NodeOutput:
         config = gfcg_config(classifier.class_names, desired_class, tau, alpha, beta, window_start, window_end, period,
-                             reference, fixed_reference_class, classify_input, temperature)
+                             reference, fixed_reference_class, classify_input, temperature, settle_after)
         wrapper = GFCGSampleWrapper(config, classifier, vae=vae, clip=clip, prompt_template=prompt_template, mode=mode,
                                     decode=decode, decode_resolution=decode_resolution)
         return io.NodeOutput(patch_model(model, wrapper))

@@ -190,7 +190,8 @@ CASES = [
          "execution", ["fixed_reference", "is the desired class"]),
     Case("temperature 0", set_(G, temperature=0.0), "validation", ["temperature", "0.01"]),
     Case("unknown decode", set_(G, decode="jpeg"), "refused", ["decode", "jpeg", "latent_rgb"]),
-    Case("decode resolution 0", set_(G, decode_resolution=0.0), "validation", ["decode_resolution", "0.125"]),
+    Case("decode resolution below 0", set_(G, decode_resolution=-0.5), "validation", ["decode_resolution", "0.0"]),
+    Case("settle_after below 0", set_(G, settle_after=-1), "validation", ["settle_after", "0"]),
     Case("unknown classify input", set_(G, classify_input="next"), "refused", ["classify_input", "next"]),
     # --- combiner and guide model
     Case("cfg without negative", set_(COMB, combine_with="cfg"), "execution", ["negative", "needs the negative"]),

@@ -108,8 +108,8 @@ def test_latent_model_gradient_flows_through_each_decoder(env, decode, tmp_path_
     m, _ = cm.tiny_model(latent=True)
     pos = cm.label_cond(3)
     vae = cm.taesd_vae()
-    guided = sample(cg(env, m, pos, vae=vae, decode=decode), channels=4, size=8)
-    plain = sample(cg(env, m, pos, vae=vae, decode=decode, scale=0.0), channels=4, size=8)
+    guided = sample(cg(env, m, pos, vae=vae, decode=decode, decode_resolution=1.0), channels=4, size=8)
+    plain = sample(cg(env, m, pos, vae=vae, decode=decode, decode_resolution=1.0, scale=0.0), channels=4, size=8)
     assert torch.isfinite(guided).all() and (guided - plain).abs().max() > 1e-4
     half = sample(cg(env, m, pos, vae=vae, decode=decode, decode_resolution=0.5), channels=4, size=8)
     assert torch.isfinite(half).all() and not torch.equal(half, guided)

@@ -342,7 +342,7 @@ def test_latent_model_decodes_with_vae_for_the_classifier(env):
 
     clf.classifier.preprocess = spy
     try:
-        g = gfcg(env, m, cm.label_cond(3), tau=1.0, vae=vae)
+        g = gfcg(env, m, cm.label_cond(3), tau=1.0, vae=vae, decode_resolution=1.0)   # full size (0 = auto: 32 px)
         out = sample(g, steps=3, channels=4, size=8)
     finally:
         clf.classifier.preprocess = orig
