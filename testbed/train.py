@@ -339,7 +339,7 @@ def accuracy(classifier: Callable[[torch.Tensor], torch.Tensor], n: int = 2000, 
 # ----------------------------------------------------------------------------------------------
 # The committed testbed models: one recipe each, trained by ``python -m comfyui_gfcg train``.
 
-MAIN = DiffusionRecipe(iterations=8000, lr_decay_from=1000, label_noise=0.3, label_noise_from=2000)
+MAIN = DiffusionRecipe(iterations=16000, lr_decay_from=1000, label_noise=0.3, label_noise_from=2000)
 
 RECIPES = {
     # class-conditional main model with label dropout (its zero label is the CFG negative) and
@@ -456,7 +456,9 @@ def train_testbed(names, out_dir: str = WEIGHTS_DIR, log=print, checkpoint_dir: 
             save_diffusion(net, recipe, path, history)
             entry["parameters"] = sum(p.numel() for p in net.parameters())
             t0 = time.time() - info["seconds"]  # the recorded wall time: all runs together
-            if info.get("warm_start"):
+            if old_note:
+                entry["runs_note"] = old_note
+            if info.get("warm_start") and (not old_note or info["warm_start"] not in old_note):
                 entry["runs_note"] = " ".join(x for x in (old_note, f"Then {info['warm_start']} (the checkpoint "
                                               "was lost with its machine): network and EMA from those fp16 "
                                               "weights, Adam's moments from zero, data RNG reseeded; "
