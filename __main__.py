@@ -60,6 +60,14 @@ def toy(args) -> int:
 
 
 def perf(args) -> int:
+    if args.latent:
+        from .testbed import perf_latent as L
+
+        cfg = L.LatentPerfConfig(steps=args.latent_steps, reps=max(3, args.reps), comfyui=args.comfyui)
+        res = L.run(cfg, progress=lambda line: print(line, file=sys.stderr, flush=True))
+        print(_write(args.out, "perf_latent", res, L.markdown(res)))
+        print(f"wrote perf_latent.json and perf_latent.md to {args.out}")
+        return 0
     from .testbed import perf as P
 
     cfg = P.PerfConfig(n=args.n, reps=args.reps, seed=args.seed, settings=_settings(args),
@@ -75,6 +83,13 @@ def perf(args) -> int:
 def bench(args) -> int:
     if args.perf:
         return perf(args)
+    if args.configs:
+        from .testbed.bench import compare_configs, configs_markdown
+
+        res = compare_configs(n_per_class=args.n_per_class, settings=_settings(args), seed=args.seed)
+        print(_write(args.out, "configs", res, configs_markdown(res)))
+        print(f"wrote configs.json and configs.md to {args.out}")
+        return 0
     from .testbed.bench import benchmark, markdown_table, plot_benchmark
 
     tb = None
@@ -175,9 +190,15 @@ def main(argv=None) -> int:
     b.add_argument("--weights", default=None, help="a folder laid out as testbed/weights (default: the committed "
                    "models); e.g. to measure a training snapshot")
     b.add_argument("--methods", nargs="*", default=["none", "cfg", "atg", "gfcg", "gfcg+cfg", "gfcg+atg"])
+    b.add_argument("--configs", action="store_true", help="instead: GFCG + ATG as shipped before, in swap mode and "
+                   "as shipped now, against ATG, with paired bounds (testbed/results/configs.md)")
     b.add_argument("--perf", action="store_true", help="the cost benchmark instead: NFE, forwards per evaluation, "
                    "wall time against CFG and ATG, peak memory, classifier-step cost per decode choice; writes "
                    "perf.json and perf.md")
+    b.add_argument("--latent", action="store_true", help="--perf: the latent-model setting instead (EDM2-S img512 "
+                   "+ XS guide, SD VAE / TAESD, ResNet-50, random weights, through ComfyUI; perf_latent.md)")
+    b.add_argument("--latent-steps", type=int, default=4, help="--perf --latent: Heun steps run, of the shipped "
+                   "32-step schedule")
     b.add_argument("--n", type=int, default=64, help="--perf: images per run (one batch)")
     b.add_argument("--reps", type=int, default=5, help="--perf: timed repetitions per method (median)")
     b.add_argument("--rows", nargs="*", default=None, help="--perf: rows to run (default: all)")

@@ -9,6 +9,15 @@ from ..guiders.config import GFCGConfig, GFCGInputError, check_window
 from ._api import ClassifierType, io
 
 REFERENCE_CHOICES = ["deterministic", "stochastic", "fixed"]
+COMBINE_MODES = ("auto", "additive", "swap")
+
+
+def combine_mode(combine: str, mode: str) -> str:
+    """The Combiner's mode: auto = swap on autoguidance (ATG's cost; the reference class replaces
+    the guide's label), additive on CFG (a confused sample keeps its negative prompt)."""
+    if mode == "auto":
+        return "swap" if combine == "atg" else "additive"
+    return mode
 
 DECODE_TOOLTIP = ("How the classifier sees a latent estimate: auto = TAESD where models/vae_approx has the one for "
                   "this model's latents, else the full VAE (the console says which, once); vae = the full VAE "
@@ -185,10 +194,13 @@ class GFCGCombinerNode(io.ComfyNode):
                 io.Combo.Input("combine_with", options=["cfg", "autoguidance"], default="cfg",
                                tooltip="cfg: classifier-free guidance with the negative conditioning; autoguidance: "
                                        "guidance by a weaker guide model (EDM2 presets: xs guides s, m guides xxl)."),
-                io.Combo.Input("mode", options=["additive", "swap"], default="additive",
-                               tooltip="additive: GFCG's reference term is added (one more branch for confused "
-                                       "samples). swap: confused samples use the reference class in place of the "
-                                       "negative / guide branch, so the cost stays that of CFG / autoguidance."),
+                io.Combo.Input("mode", options=list(COMBINE_MODES), default="auto",
+                               tooltip="auto: swap with autoguidance, additive with CFG. additive: GFCG's reference "
+                                       "term is added (one more branch for confused samples). swap: confused samples "
+                                       "use the reference class in place of the negative / guide branch, so the cost "
+                                       "stays that of CFG / autoguidance; with CFG their negative prompt is then not "
+                                       "used, which is why auto keeps additive there. On the pack's testbed swap beat "
+                                       "additive on autoguidance and tied it on CFG (docs/testbed.md)."),
                 io.Float.Input("scale", default=5.0, min=0.0, max=100.0, step=0.05, round=0.01,
                                tooltip="w: the CFG scale, or the autoguidance weight (1 = off)."),
                 io.Conditioning.Input("negative", optional=True, tooltip="Negative conditioning, for combine_with = cfg."),
@@ -204,7 +216,10 @@ class GFCGCombinerNode(io.ComfyNode):
         if not isinstance(gfcg, GFCGGuider):
             raise ValueError(f"gfcg: expected the output of a GFCG Guider node, got {type(gfcg).__name__}")
         combine = "cfg" if combine_with == "cfg" else "atg"
-        guider = _user_error(gfcg.combined, combine, mode, scale, negative=negative, guide_patcher=guide_model)
+        if mode not in COMBINE_MODES:
+            raise ValueError(f"mode: {mode!r} is not one of {list(COMBINE_MODES)}")
+        guider = _user_error(gfcg.combined, combine, combine_mode(combine, mode), scale, negative=negative,
+                             guide_patcher=guide_model)
         return io.NodeOutput(guider)
 
 

@@ -33,7 +33,7 @@ class Settings:
     steps: int = 18                 # EDM's 32x32 setting: 18 Heun steps, 35 evaluations
     cfg_scale: float = 2.0
     atg_scale: float = 2.0
-    mode: str = "additive"
+    mode: str = "auto"               # the Combiner's default: swap on autoguidance, additive on CFG
     dtype: str = "bfloat16"         # diffusion trunks (EDM2 runs fp16/bf16 trunks by design); classifiers fp32
     gfcg: GFCGConfig = field(default_factory=lambda: GFCGConfig(desired_class=0))
     cg: CGConfig = field(default_factory=CGConfig)   # the gradient methods (cg, cg+cfg)
@@ -75,6 +75,14 @@ def _step(progress, method: str) -> None:
     progress.update(1)
 
 
+def stack_mode(method: str, mode: str) -> str:
+    """The GFCG Combiner's mode rule (nodes.guider_nodes.combine_mode): auto = swap when stacked on
+    autoguidance, additive on CFG; additive / swap as given."""
+    if mode == "auto":
+        return "swap" if method.endswith("+atg") else "additive"
+    return mode
+
+
 def class_rows(n_per_class: int) -> torch.Tensor:
     """Requested classes of a run: 0, 1, ..., 9, 0, 1, ... (every class equally often)."""
     return torch.arange(n_per_class * NUM_CLASSES) % NUM_CLASSES
@@ -96,7 +104,7 @@ def run_method(tb: Testbed, method: str, desired: torch.Tensor, settings: Settin
         rows = desired[start:start + batch]
         r = sample(tb.main, counted, method, rows, rows.shape[0],
                    seed=seed + i, steps=settings.steps, guide=tb.guide, cfg_scale=settings.cfg_scale,
-                   atg_scale=settings.atg_scale, gfcg=settings.gfcg, mode=settings.mode, num_classes=NUM_CLASSES,
+                   atg_scale=settings.atg_scale, gfcg=settings.gfcg, mode=stack_mode(method, settings.mode), num_classes=NUM_CLASSES,
                    cg=settings.cg,
                    progress=(lambda _s: _step(progress, method)) if progress else None)
         images.append(r.images)
@@ -290,7 +298,7 @@ def sweep_rows() -> list:
     rows += [(f"ATG w={w}", "atg", {"atg_scale": w}, {}) for w in (1.5, 2.0, 3.0)]
     rows += [("GFCG base (tau .5, alpha 2, beta 1)", "gfcg", {}, {})]
     rows += [(f"GFCG tau={t}", "gfcg", {}, {"tau": t}) for t in (0.3, 0.7, 0.9)]
-    rows += [(f"GFCG alpha={a}", "gfcg", {}, {"alpha": a}) for a in (1.0, 4.0, 8.0)]
+    rows += [(f"GFCG alpha={a}", "gfcg", {}, {"alpha": a}) for a in (1.0, 4.0, 8.0, 16.0)]
     rows += [(f"GFCG beta={b}", "gfcg", {}, {"beta": b}) for b in (0.5, 2.0)]
     rows += [(f"GFCG window {s}-{e}", "gfcg", {}, {"window_start": s, "window_end": e}) for s, e in ((0.0, 0.5), (0.5, 1.0))]
     rows += [(f"GFCG period={p}", "gfcg", {}, {"period": p}) for p in (2, 4)]
@@ -304,7 +312,8 @@ def sweep_rows() -> list:
              ("GFCG alpha=4 period=4 tau=0.7", "gfcg", {}, {"alpha": 4.0, "period": 4, "tau": 0.7})]
     # swap mode's scale rule on GFCG + ATG (the form with no extra evaluations; core.swap_scale):
     # the literal formula (omega) from alpha 0.5 up, as the paper's first experiments use 0.5
-    for rule, alphas in (("sum", (2.0, 4.0)), ("max", (2.0, 4.0, 8.0)), ("omega", (0.5, 1.0, 2.0, 4.0)), ("base", (4.0,))):
+    for rule, alphas in (("sum", (2.0, 4.0, 8.0)), ("max", (2.0, 4.0, 8.0)), ("omega", (0.5, 1.0, 2.0, 4.0)),
+                         ("base", (4.0,))):
         rows += [(f"GFCG+ATG swap {rule} alpha={a}", "gfcg+atg", {"mode": "swap"}, {"swap_rule": rule, "alpha": a})
                  for a in alphas]
     # sparse classifier schedules (the paper's ts / scp): the window starts late, the classifier
@@ -313,10 +322,18 @@ def sweep_rows() -> list:
              for s, p in ((0.25, 4), (0.5, 4), (0.5, 8), (0.0, 8))]
     # per-sample settling: a sample confident on k consecutive classifier steps is not classified again
     rows += [(f"GFCG settle after {k}", "gfcg", {}, {"settle_after": k}) for k in (2, 4)]
+    # the cost issue's question: GFCG + ATG in swap mode (ATG's NFE) with fewer classifier calls
+    for a in (4.0, 8.0):
+        rows += [(f"GFCG+ATG swap alpha={a:g} {name}", "gfcg+atg", {"mode": "swap"}, {"alpha": a, **over})
+                 for name, over in SCHEDULES]
     # off-the-shelf gradient guidance (all pre-conditioning on): its scale s for the testbed
     rows += [(f"CG s={s}", "cg", {"cg": CGConfig(scale=s)}, {}) for s in CG_SWEEP_SCALES]
     return rows
 
+
+# classifier schedules tried on GFCG + ATG swap (name, GFCGConfig overrides)
+SCHEDULES = (("period=2", {"period": 2}), ("start=0.25 period=4", {"window_start": 0.25, "period": 4}),
+             ("settle after 4", {"settle_after": 4}), ("period=2 settle after 4", {"period": 2, "settle_after": 4}))
 
 CG_SWEEP_SCALES = (0.004, 0.01, 0.02, 0.04, 0.08)
 CG_SCALE = 0.02   # the testbed's s, from the sweep's CG rows by the README's rule (highest class precision
@@ -364,6 +381,81 @@ def cg_benchmark(n_per_class: int = 100, settings: Optional[Settings] = None, se
     return {"n_per_class": n_per_class, "n_per_method": int(desired.shape[0]), "seed": seed, "scale": scale,
             "settings": base.as_dict(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "rows": results}
+
+
+# --------------------------------------------------------------------------------------------------
+# Configurations of GFCG + ATG on the benchmark's noise: the old shipped one, swap mode, the new
+# shipped one (the cost issue), each with paired bounds against the old one and against ATG
+
+# GFCGConfig overrides of the autoguidance workflows as shipped now (docs/testbed.md, "GFCG + ATG
+# configurations"): of the cheaper schedules compared on 1000 samples, the cheapest whose class
+# precision matches the former additive every-step setting at its FD (7.9 classifier rows per
+# image against 18; alpha 8 gained precision but lost FD, 1.42 against 0.98)
+SHIPPED_ATG = {"mode": "swap", "gfcg": {"alpha": 4.0, "period": 2, "settle_after": 4}}
+OLD_ATG = {"mode": "additive", "gfcg": {"alpha": 4.0}}     # until 2026-12: additive, every step
+
+
+def config_rows() -> list:
+    """(name, method, Settings overrides, GFCGConfig overrides)."""
+    return [("ATG", "atg", {}, {}),
+            ("GFCG+ATG old (additive, every step)", "gfcg+atg", {"mode": OLD_ATG["mode"]}, OLD_ATG["gfcg"]),
+            ("GFCG+ATG node defaults (auto = swap, every step)", "gfcg+atg", {"mode": "auto"}, {}),
+            *[(f"GFCG+ATG swap, alpha {g['alpha']:g}, period {g['period']}, settle_after {g['settle_after']}"
+               + (" (shipped)" if g == SHIPPED_ATG["gfcg"] else ""), "gfcg+atg", {"mode": "swap"}, g)
+              for g in CANDIDATES]]
+
+
+# the cheaper schedules compared (the sweep's cheapest rows within one standard error of its best
+# GFCG + ATG swap row, at alpha 8, and the same schedules at the node default alpha 4)
+CANDIDATES = [{"alpha": a, "period": p, "settle_after": k}
+              for a, p, k in ((8.0, 2, 4), (4.0, 2, 4), (4.0, 2, 0), (4.0, 1, 4))]
+
+
+def compare_configs(n_per_class: int = 100, settings: Optional[Settings] = None, seed: int = 0, n_real: int = 5000,
+                    tb: Optional[Testbed] = None) -> dict:
+    """Every configuration on the benchmark's noise (seed 0+), scored; paired class-precision
+    differences of each against the old configuration and against ATG (one-sided 99 % bounds)."""
+    base = settings or Settings()
+    tb = tb or load_testbed(base.dtype)
+    desired = class_rows(n_per_class)
+    real = reference_features(tb, n_real)
+    rows = config_rows()
+    prog = Progress(len(rows) * math.ceil(desired.shape[0] / BATCH) * base.steps, "configs")
+    results, hits = [], {}
+    for name, method, s_over, g_over in rows:
+        st = dataclasses.replace(base, **s_over, gfcg=dataclasses.replace(base.gfcg, **g_over))
+        out = run_method(tb, method, desired, st, seed, progress=prog)
+        sc = score(tb, out["images"], desired, real)
+        hits[name] = sc.pop("hits")
+        results.append({"name": name, "method": method, "mode": st.mode, "gfcg": g_over, **sc, "nfe": out["nfe"],
+                        "classifier_rows": out["classifier_rows"], "seconds": out["seconds"]})
+    prog.close()
+    old, atg = rows[1][0], rows[0][0]
+    paired = []
+    for name, *_ in rows[1:]:
+        for b in (old, atg):
+            if name != b:
+                mean, lo = paired_difference_bound(hits[name], hits[b])
+                paired.append({"a": name, "b": b, "mean": mean, "lower99": lo,
+                               "upper99": mean + (mean - lo)})   # the bound is symmetric: mean -/+ 2.326 s.e.
+    return {"n_per_class": n_per_class, "n_per_method": int(desired.shape[0]), "seed": seed,
+            "settings": base.as_dict(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "rows": results, "paired": paired}
+
+
+def configs_markdown(result: dict) -> str:
+    lines = ["| configuration | class precision | pair accuracy | FD | precision | recall | NFE / image | "
+             "classifier rows / image | wall time (s) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in result["rows"]:
+        lines.append(f"| {r['name']} | {r['class_precision']:.3f} | {r['pair_accuracy']:.3f} | {r['fd']:.2f} | "
+                     f"{r['precision']:.3f} | {r['recall']:.3f} | {r['nfe']:.1f} | {r['classifier_rows']:.1f} | "
+                     f"{r['seconds']:.0f} |")
+    lines += ["", f"Paired class-precision differences ({result['n_per_method']} shared noises; one-sided 99 % "
+              "bounds, lower and upper):", ""]
+    lines += [f"- {p['a']} - {p['b']}: {p['mean']:+.3f} (lower {p['lower99']:+.3f}, upper {p['upper99']:+.3f})"
+              for p in result["paired"]]
+    return "\n".join(lines) + "\n"
 
 
 def cg_markdown_table(result: dict) -> str:

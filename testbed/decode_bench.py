@@ -25,6 +25,9 @@ ROWS = [("vae", 1.0), ("vae", 0.5), ("taesd", 1.0), ("taesd", 0.5), ("latent_rgb
 
 
 def _import_comfyui(path=None):
+    loaded = sys.modules.get("comfy.samplers")
+    if loaded is not None:   # already imported (e.g. by the tests): that tree
+        return str(Path(loaded.__file__).resolve().parent.parent)
     here = Path(__file__).resolve().parent
     cands = [path, os.environ.get("COMFYUI_PATH"), here.parent / "ComfyUI"]
     for c in cands:

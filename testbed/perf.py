@@ -23,7 +23,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .bench import Settings, guidance_classifier_for
+from .bench import SHIPPED_ATG, Settings, guidance_classifier_for
 
 # (label, method, mode, GFCGConfig overrides)
 ROWS = [
@@ -36,6 +36,7 @@ ROWS = [
     ("GFCG+CFG swap", "gfcg+cfg", "swap", {}),
     ("GFCG+ATG additive", "gfcg+atg", "additive", {}),
     ("GFCG+ATG swap", "gfcg+atg", "swap", {}),
+    ("GFCG+ATG shipped", "gfcg+atg", SHIPPED_ATG["mode"], SHIPPED_ATG["gfcg"]),
     ("CG (EluCD)", "cg", "additive", {}),
 ]
 
@@ -47,6 +48,8 @@ TARGETS = [
     ("GFCG+CFG additive", "nfe", "CFG", 1.5),
     ("GFCG+ATG additive", "nfe", "ATG", 1.5),
     ("GFCG+ATG swap", "seconds", "ATG", 1.05),
+    ("GFCG+ATG shipped", "nfe", "ATG", 1.0),
+    ("GFCG+ATG shipped", "seconds", "ATG", 1.02),
 ]
 
 

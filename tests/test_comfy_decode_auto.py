@@ -107,3 +107,18 @@ def test_settle_after_reaches_the_engine_and_saves_classifier_rows(env):
                                        **unsure)))
     finally:
         clf.forward = orig
+
+
+def test_combiner_mode_auto_is_swap_on_autoguidance_and_additive_on_cfg(env):
+    cm = env["cm"]
+    m, _ = cm.tiny_model()
+    guide, _ = cm.tiny_model(seed=5)
+    pos, neg = cm.label_cond(3), cm.label_cond(None)
+    g = node(env, "GFCGGuider", model=m, positive=pos, classifier=env["clf"], **G)
+    atg = node(env, "GFCGCombiner", gfcg=g, combine_with="autoguidance", mode="auto", scale=2.0, guide_model=guide)
+    cfg = node(env, "GFCGCombiner", gfcg=g, combine_with="cfg", mode="auto", scale=2.0, negative=neg)
+    assert atg.engine.mode == "swap" and cfg.engine.mode == "additive"
+    same = node(env, "GFCGCombiner", gfcg=g, combine_with="autoguidance", mode="swap", scale=2.0, guide_model=guide)
+    assert torch.equal(sample(atg), sample(same))
+    spec = env["reg"]["GFCGCombiner"].GET_NODE_INFO_V1()["input"]["required"]["mode"]
+    assert spec[1]["default"] == "auto" and "negative prompt" in spec[1]["tooltip"]

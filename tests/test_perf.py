@@ -19,8 +19,10 @@ def test_counts_per_method(result):
     assert rows["none"]["nfe"] == ev and rows["none"]["forwards_per_eval"] == 1
     assert rows["CFG"]["nfe"] == 2 * ev and rows["CFG"]["forwards_per_eval"] == 1      # one batched forward
     assert rows["ATG"]["nfe"] == 2 * ev and rows["ATG"]["guide_forwards_per_eval"] == 1
-    for r in ("GFCG+CFG swap", "GFCG+ATG swap"):                                        # swap: the base's cost
+    for r in ("GFCG+CFG swap", "GFCG+ATG swap", "GFCG+ATG shipped"):                    # swap: the base's cost
         assert rows[r]["nfe"] == 2 * ev
+    # the shipped schedule classifies fewer rows than every step (period 2: steps 0 and 2 of 3)
+    assert rows["GFCG+ATG shipped"]["classifier_rows_per_image"] < rows["GFCG+ATG swap"]["classifier_rows_per_image"]
     assert rows["GFCG+ATG swap"]["main_forwards_per_eval"] == 1
     assert rows["GFCG, classify previous"]["classifier_rows_per_image"] == rows["GFCG"]["classifier_rows_per_image"] == 3
     assert rows["CG (EluCD)"]["classifier_rows_per_image"] == ev                        # a gradient per evaluation

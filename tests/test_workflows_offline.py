@@ -146,3 +146,47 @@ def test_text_references_differ_from_the_positive_only_in_the_class():
             assert texts == [reference] * len(texts), (path.name, texts, reference)
             checked += 1
     assert checked >= 3
+
+
+@pytest.mark.parametrize("name", ["edm2_img512_s_gfcg_autoguidance", "edm2_img512_xxl_gfcg_autoguidance",
+                                  "edm2_img512_s_img2img_gfcg", "testbed_gfcg_atg"])
+def test_autoguidance_workflows_ship_the_measured_configuration(name):
+    """The GFCG + ATG graphs set what the testbed chose and the latent cost benchmark measured
+    (testbed/perf_latent.py SHIPPED, from bench.SHIPPED_ATG): swap (or auto, which is swap on
+    autoguidance), its alpha / period / settling, and the decode defaults on latent models."""
+    from comfyui_gfcg.testbed.perf_latent import SHIPPED
+
+    api = json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text())
+    guider = next(v["inputs"] for v in api.values() if v["class_type"] == "GFCGGuider")
+    comb = next(v["inputs"] for v in api.values() if v["class_type"] == "GFCGCombiner")
+    assert comb["combine_with"] == "autoguidance" and comb["mode"] in ("auto", SHIPPED["mode"])
+    keys = ["tau", "alpha", "beta", "window_start", "window_end", "period", "settle_after"]
+    if not name.startswith("testbed"):   # pixel-space testbed: nothing to decode
+        keys += ["decode", "decode_resolution"]
+    assert {k: guider[k] for k in keys} == {k: SHIPPED[k] for k in keys}
+
+
+@pytest.mark.parametrize("version", sorted(SNAPS))
+def test_engine_defaults_are_the_node_defaults(version):
+    """GFCGConfig's defaults (the headless engine, the testbed's benchmark) are the GFCG Guider's
+    and the Model Patch's node defaults, and the benchmark's stacking mode is what the Combiner's
+    default (auto) gives on autoguidance."""
+    import dataclasses
+
+    from comfyui_gfcg.guiders.config import GFCGConfig
+    from comfyui_gfcg.testbed.bench import Settings
+
+    core = {f.name: f.default for f in dataclasses.fields(GFCGConfig)}
+    fields = {"tau": "tau", "alpha": "alpha", "beta": "beta", "window_start": "window_start",
+              "window_end": "window_end", "period": "period", "reference": "reference_mode",
+              "classify_input": "classify_input", "temperature": "temperature", "settle_after": "settle_after"}
+    for node_id in ("GFCGGuider", "GFCGModelPatch"):
+        spec = SNAPS[version][node_id]["input"]
+        inputs = {**spec["required"], **spec.get("optional", {})}
+        for socket, field in fields.items():
+            assert inputs[socket][1]["default"] == core[field], (node_id, socket)
+    comb = SNAPS[version]["GFCGCombiner"]["input"]["required"]["mode"][1]["default"]
+    from comfyui_gfcg.testbed.bench import stack_mode
+
+    assert comb == "auto" and Settings().mode == "auto"
+    assert stack_mode("gfcg+atg", "auto") == "swap" and stack_mode("gfcg+cfg", "auto") == "additive"
