@@ -68,12 +68,14 @@ def test_testbed_workflow_reproduces_the_headless_sampler(server):
     g, c, s = api["6"]["inputs"], api["7"]["inputs"], api["10"]["inputs"]
     cfg = GFCGConfig(desired_class=6, tau=g["tau"], alpha=g["alpha"], beta=g["beta"], window_start=g["window_start"],
                      window_end=g["window_end"], period=g["period"], reference_mode=g["reference"],
-                     classify_input=g["classify_input"], temperature=g["temperature"])
+                     classify_input=g["classify_input"], temperature=g["temperature"],
+                     settle_after=g["settle_after"])
+    from comfyui_gfcg.testbed.bench import stack_mode   # the Combiner's auto = swap on autoguidance
     tb = load_testbed("float32")
     n = api["5"]["inputs"]["batch_size"]
     sigmas = _comfy_sigmas(s["steps"])
     r = sample(tb.main, tb.guidance_classifier, "gfcg+atg", 6, n, seed=api["8"]["inputs"]["noise_seed"],
-               guide=tb.guide, atg_scale=c["scale"], gfcg=cfg, mode=c["mode"], sigmas=sigmas)
+               guide=tb.guide, atg_scale=c["scale"], gfcg=cfg, mode=stack_mode("gfcg+atg", c["mode"]), sigmas=sigmas)
     diff = (comfy_x - r.images).abs().max().item()
     print(f"ComfyUI run {seconds:.2f} s; max |ComfyUI - headless| = {diff:.3g} (pixels in [-1, 1])")
     res = api["5"]["inputs"]["resolution"]
