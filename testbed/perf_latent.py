@@ -30,8 +30,8 @@ import torch
 from .bench import SHIPPED_ATG
 
 # GFCG node settings of workflows/api/edm2_img512_s_gfcg_autoguidance.json, now (the testbed's
-# choice, bench.SHIPPED_ATG, with the decode defaults) and before (tests/test_workflows.py holds
-# the workflow to SHIPPED)
+# choice, bench.SHIPPED_ATG, with the decode defaults) and before (tests/test_workflows_offline.py
+# holds the workflows to SHIPPED)
 SHIPPED = dict(tau=0.5, alpha=4.0, beta=1.0, window_start=0.0, window_end=1.0, period=1, settle_after=0,
                decode="auto", decode_resolution=0.0)
 SHIPPED.update(SHIPPED_ATG["gfcg"], mode=SHIPPED_ATG["mode"])
