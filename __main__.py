@@ -60,6 +60,13 @@ def toy(args) -> int:
 
 
 def perf(args) -> int:
+    if args.memory_study:
+        from .testbed import perf_memory as M
+
+        res = M.run(args.rows, n=args.n, dtype=args.dtype, progress=lambda line: print(line, file=sys.stderr, flush=True))
+        print(_write(args.out, "perf_memory", res, M.markdown(res)))
+        print(f"wrote perf_memory.json and perf_memory.md to {args.out}")
+        return 0
     if args.latent:
         from .testbed import perf_latent as L
 
@@ -197,6 +204,9 @@ def main(argv=None) -> int:
                    "perf.json and perf.md")
     b.add_argument("--latent", action="store_true", help="--perf: the latent-model setting instead (EDM2-S img512 "
                    "+ XS guide, SD VAE / TAESD, ResNet-50, random weights, through ComfyUI; perf_latent.md)")
+    b.add_argument("--memory-study", action="store_true", help="--perf: where the extra CPU memory of varying "
+                   "row counts goes (oneDNN's cache) and what each remedy costs: default, cache off, padded row "
+                   "buckets; perf_memory.md")
     b.add_argument("--latent-steps", type=int, default=4, help="--perf --latent: Heun steps run, of the shipped "
                    "32-step schedule")
     b.add_argument("--n", type=int, default=64, help="--perf: images per run (one batch)")

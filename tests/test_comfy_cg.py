@@ -92,19 +92,11 @@ def test_latent_model_gradient_flows_through_each_decoder(env, decode, tmp_path_
     """A latent model: the classifier sees the decoded estimate and the gradient comes back
     through the (random-weight TAESD-architecture) VAE decoder, ComfyUI's TAESD from
     models/vae_approx, or the latent-to-RGB factors."""
-    import folder_paths
-
     cm = env["cm"]
     if decode == "taesd":
-        import comfy.taesd.taesd
-        from safetensors.torch import save_file
+        from comfyui_gfcg.testbed.decode_bench import taesd_file
 
-        folder = tmp_path_factory.mktemp("vae_approx")
-        dec = comfy.taesd.taesd.TAESD(latent_channels=4).taesd_decoder
-        g = torch.Generator().manual_seed(0)
-        save_file({k: (torch.randn(v.shape, generator=g) * 0.1).contiguous() for k, v in dec.state_dict().items()},
-                  str(folder / "taesd_decoder.safetensors"))
-        folder_paths.add_model_folder_path("vae_approx", str(folder))
+        taesd_file(str(tmp_path_factory.mktemp("vae_approx")))      # random weights, registered in vae_approx
     m, _ = cm.tiny_model(latent=True)
     pos = cm.label_cond(3)
     vae = cm.taesd_vae()

@@ -28,12 +28,10 @@ def _spy_decodes(module, attr="decode"):
 
 def test_auto_decode_falls_back_to_the_vae_then_takes_taesd_and_auto_resolution_shrinks(env, tmp_path_factory, caplog,
                                                                                        monkeypatch):
-    import folder_paths
-
-    import comfy.taesd.taesd
     import sys
+
     from comfyui_gfcg.guiders.pixels import auto_latent_size
-    from safetensors.torch import save_file
+    from comfyui_gfcg.testbed.decode_bench import taesd_file
 
     # the pack as ComfyUI loaded it (its own module names, not comfyui_gfcg's)
     comfy_decode = sys.modules[env["reg"]["GFCGGuider"].__module__.rsplit(".nodes.", 1)[0] + ".guiders.comfy_decode"]
@@ -56,12 +54,7 @@ def test_auto_decode_falls_back_to_the_vae_then_takes_taesd_and_auto_resolution_
     assert torch.isfinite(out).all() and seen and set(seen) == {(4, 4)}
 
     monkeypatch.undo()
-    folder = tmp_path_factory.mktemp("vae_approx")
-    dec = comfy.taesd.taesd.TAESD(latent_channels=4).taesd_decoder
-    gen = torch.Generator().manual_seed(0)
-    save_file({k: (torch.randn(v.shape, generator=gen) * 0.1).contiguous() for k, v in dec.state_dict().items()},
-              str(folder / "taesd_decoder.safetensors"))
-    folder_paths.add_model_folder_path("vae_approx", str(folder))
+    taesd_file(str(tmp_path_factory.mktemp("vae_approx")))          # random weights, registered in vae_approx
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="comfyui_gfcg"):
         t = node(env, "GFCGGuider", model=m, positive=pos, classifier=env["clf"], vae=vae, **G)
