@@ -148,19 +148,24 @@ def _status_kb(key: str) -> Optional[int]:
     return None
 
 
+def reset_peak_rss() -> bool:
+    """Reset this process's peak-RSS mark (Linux: 5 to /proc/self/clear_refs resets VmHWM);
+    False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def memory_worker(label: str, cfg: PerfConfig) -> dict:
     """In a fresh process: load the models, warm up, reset the peak-RSS mark, run, read the peak."""
     from .models import load_testbed
 
     tb = load_testbed(cfg.settings.dtype)
     run_row(tb, label, dataclasses.replace(cfg, n=2))           # warm-up (lazy inits, allocator)
-    reset = False
-    try:
-        with open("/proc/self/clear_refs", "w") as f:           # Linux: 5 resets the peak RSS (VmHWM)
-            f.write("5")
-        reset = True
-    except OSError:
-        pass
+    reset = reset_peak_rss()
     base = _status_kb("VmRSS")
     run_row(tb, label, cfg)
     peak = _status_kb("VmHWM")

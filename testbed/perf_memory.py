@@ -77,7 +77,7 @@ def worker(label: str, way: str, n: int = 64, steps: int = 18, dtype: str = "bfl
     """In a fresh process: load, warm up, reset the peak-RSS mark, run ``reps`` times, read the peak."""
     from .bench import Settings, guidance_classifier_for
     from .models import load_testbed
-    from .perf import PerfConfig, _row, _status_kb, run_row
+    from .perf import PerfConfig, _row, _status_kb, reset_peak_rss, run_row
 
     tb = load_testbed(dtype)
     cfg = PerfConfig(n=n, settings=Settings(steps=steps, dtype=dtype))
@@ -89,8 +89,8 @@ def worker(label: str, way: str, n: int = 64, steps: int = 18, dtype: str = "bfl
     run_row(wrapped, label, dataclasses.replace(cfg, n=2))      # warm-up: lazy inits, allocator
     for m in (wrapped.main, wrapped.guide, wrapped.guidance_classifier):
         m.shapes, m.rows, m.padded = set(), 0, 0
-    with open("/proc/self/clear_refs", "w") as f:               # Linux: 5 resets the peak RSS (VmHWM)
-        f.write("5")
+    if not reset_peak_rss():
+        raise SystemExit("the memory study needs Linux's /proc/self/clear_refs to reset the peak RSS")
     base = _status_kb("VmRSS")
     secs = []
     for _ in range(reps):
@@ -137,7 +137,9 @@ def markdown(res: dict) -> str:
         c, z, b = (by.get((label, w)) for w in WAYS)
         if not (c and z and b):
             continue
-        lines.append(f"| {label} | {', '.join(map(str, c['shapes']))} | {c['sampling_mb']:.0f} / "
+        shapes = ", ".join(map(str, c["shapes"])) + ("" if b["shapes"] == c["shapes"] else
+                                                      " (buckets: " + ", ".join(map(str, b["shapes"])) + ")")
+        lines.append(f"| {label} | {shapes} | {c['sampling_mb']:.0f} / "
                      f"{z['sampling_mb']:.0f} / {b['sampling_mb']:.0f} | {c['seconds']:.2f} / {z['seconds']:.2f} / "
                      f"{b['seconds']:.2f} | {100 * b['pad_fraction']:.1f} %, {100 * b['classifier_pad_fraction']:.1f} % |")
     return "\n".join(lines) + "\n"
