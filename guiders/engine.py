@@ -36,6 +36,16 @@ from .schedule import GFCGSchedule
 
 COMBINES = ("none", "cfg", "atg")
 MODES = ("additive", "swap")
+COMBINE_MODES = ("auto",) + MODES     # what the GFCG Combiner offers
+
+
+def resolve_mode(combine: str, mode: str) -> str:
+    """The stacking mode for ``combine``: auto = swap on autoguidance (ATG's cost; the reference
+    class replaces the guide's label), additive on CFG (a confused sample keeps its negative
+    prompt); additive / swap as given."""
+    if mode == "auto":
+        return "swap" if combine == "atg" else "additive"
+    return mode
 
 
 @dataclass

@@ -6,18 +6,10 @@ from ..guiders.comfy_decode import DECODE_METHODS
 from ..guiders.comfy_guider import GFCGGuider
 from ..guiders.comfy_patch import GFCGSampleWrapper, patch_model
 from ..guiders.config import GFCGConfig, GFCGInputError, check_window
+from ..guiders.engine import COMBINE_MODES, resolve_mode
 from ._api import ClassifierType, io
 
 REFERENCE_CHOICES = ["deterministic", "stochastic", "fixed"]
-COMBINE_MODES = ("auto", "additive", "swap")
-
-
-def combine_mode(combine: str, mode: str) -> str:
-    """The Combiner's mode: auto = swap on autoguidance (ATG's cost; the reference class replaces
-    the guide's label), additive on CFG (a confused sample keeps its negative prompt)."""
-    if mode == "auto":
-        return "swap" if combine == "atg" else "additive"
-    return mode
 
 DECODE_TOOLTIP = ("How the classifier sees a latent estimate: auto = TAESD where models/vae_approx has the one for "
                   "this model's latents, else the full VAE (the console says which, once); vae = the full VAE "
@@ -218,7 +210,7 @@ class GFCGCombinerNode(io.ComfyNode):
         combine = "cfg" if combine_with == "cfg" else "atg"
         if mode not in COMBINE_MODES:
             raise ValueError(f"mode: {mode!r} is not one of {list(COMBINE_MODES)}")
-        guider = _user_error(gfcg.combined, combine, combine_mode(combine, mode), scale, negative=negative,
+        guider = _user_error(gfcg.combined, combine, resolve_mode(combine, mode), scale, negative=negative,
                              guide_patcher=guide_model)
         return io.NodeOutput(guider)
 

@@ -15,6 +15,7 @@ from typing import Dict, Optional, Sequence
 import torch
 
 from ..guiders.config import GFCGConfig
+from ..guiders.engine import resolve_mode
 from ..guiders.gradient import CGConfig, softplus_copy
 from .dataset import CLASS_NAMES, NUM_CLASSES, PAIR_OF, SEEDS, make_split, to_unit
 from .metrics import class_precision, frechet_distance, pair_accuracy, paired_difference_bound, precision_recall
@@ -76,11 +77,8 @@ def _step(progress, method: str) -> None:
 
 
 def stack_mode(method: str, mode: str) -> str:
-    """The GFCG Combiner's mode rule (nodes.guider_nodes.combine_mode): auto = swap when stacked on
-    autoguidance, additive on CFG; additive / swap as given."""
-    if mode == "auto":
-        return "swap" if method.endswith("+atg") else "additive"
-    return mode
+    """The GFCG Combiner's mode rule (``guiders.engine.resolve_mode``) for a benchmark method."""
+    return resolve_mode("atg" if method.endswith("+atg") else "cfg", mode)
 
 
 def class_rows(n_per_class: int) -> torch.Tensor:

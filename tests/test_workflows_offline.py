@@ -190,3 +190,9 @@ def test_engine_defaults_are_the_node_defaults(version):
 
     assert comb == "auto" and Settings().mode == "auto"
     assert stack_mode("gfcg+atg", "auto") == "swap" and stack_mode("gfcg+cfg", "auto") == "additive"
+    from comfyui_gfcg.guiders.engine import COMBINE_MODES, resolve_mode    # the one rule both use
+
+    spec = SNAPS[version]["GFCGCombiner"]["input"]["required"]["mode"]
+    opts = spec[1]["options"] if spec[0] == "COMBO" else spec[0]       # 0.33.0 / 0.3.64 snapshot forms
+    assert list(opts) == list(COMBINE_MODES)
+    assert resolve_mode("atg", "additive") == "additive" and resolve_mode("cfg", "swap") == "swap"
