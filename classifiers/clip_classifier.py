@@ -15,8 +15,10 @@ tag of the architecture shares, or an error naming ``pretrained`` where its tags
 mean/std/resize mode/interpolation override. Nothing is downloaded: only the tables are read.
 :class:`ZeroShotClassifier` applies it to tensors exactly as torchvision's Resize/CenterCrop do.
 
-Results are cached per (checkpoint file and its mtime/size, architecture, class list, templates,
-preprocessing).
+The text head (the class embeddings, logit scale and bias: small tensors) is cached per (checkpoint
+file and its mtime/size, architecture, class list, templates), so a loader that runs again skips the
+text tower. No module is cached: every load builds its own image tower, which ComfyUI's model
+management owns (offloads, frees) like any other model once the loader's output is dropped.
 """
 from __future__ import annotations
 
@@ -42,8 +44,8 @@ MAX_TEMPLATE_CHARS = 300
 RESIZE_MODES = ("auto", "shortest", "squash")          # open_clip's inference resize modes the pack runs
 INTERPOLATIONS = ("auto", "bicubic", "bilinear")
 PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")
-_CACHE: "OrderedDict[tuple, ImageClassifier]" = OrderedDict()
-_CACHE_SIZE = 4
+_HEAD_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()   # key -> (head, logit_scale, logit_bias): tensors only
+_HEAD_CACHE_SIZE = 8
 
 
 def templates_for(choice: str, custom: str = "") -> Tuple[str, ...]:
@@ -302,10 +304,12 @@ def _check_prompt_lengths(tokenizer, architecture: str, prompts: Sequence[str], 
 def load_zero_shot_classifier(path: str, architecture: str, class_names: Sequence[str],
                               templates: Sequence[str], prompt_names: Sequence[str] = None,
                               name: str = "", pretrained: str = "", image_mean=None, image_std=None,
-                              resize_mode: str = "auto", interpolation: str = "auto") -> ImageClassifier:
+                              resize_mode: str = "auto", interpolation: str = "auto",
+                              dtype: torch.dtype = torch.float32) -> ImageClassifier:
     """A zero-shot :class:`ImageClassifier` over ``class_names`` (its vocabulary); prompts use
     ``prompt_names`` (default: each name's first synonym) in every template. Preprocessing:
-    :func:`preprocess_config` of (``architecture``, ``pretrained``, the explicit values)."""
+    :func:`preprocess_config` of (``architecture``, ``pretrained``, the explicit values). The head
+    is computed in fp32; the image tower and head are then cast to ``dtype``."""
     import open_clip
 
     base = os.path.basename(path)
@@ -321,10 +325,7 @@ def load_zero_shot_classifier(path: str, architecture: str, class_names: Sequenc
         raise GFCGInputError(f"class names: {len(class_names)} names but {len(prompts)} prompt names")
     st = os.stat(path)
     key = (os.path.realpath(path), st.st_mtime_ns, st.st_size, architecture, tuple(class_names), tuple(prompts),
-           tuple(templates), tuple(preprocess[k] for k in PREPROCESS_KEYS))
-    if key in _CACHE:
-        _CACHE.move_to_end(key)
-        return _CACHE[key]
+           tuple(templates))
     try:
         _check_weights_only(path)
         model = open_clip.create_model(architecture, pretrained=None)
@@ -335,6 +336,25 @@ def load_zero_shot_classifier(path: str, architecture: str, class_names: Sequenc
         raise GFCGInputError(f"clip_name: {base!r} could not be loaded as open_clip {architecture!r}: "
                              f"{str(e).splitlines()[0][:300]}") from None
     model.eval()
+    if key in _HEAD_CACHE:
+        _HEAD_CACHE.move_to_end(key)
+        head, logit_scale, logit_bias = _HEAD_CACHE[key]
+    else:
+        head = text_head(model, architecture, prompts, templates)
+        logit_scale, logit_bias = model.logit_scale.detach().clone(), getattr(model, "logit_bias", None)
+        logit_bias = None if logit_bias is None else logit_bias.detach().clone()
+        _HEAD_CACHE[key] = (head, logit_scale, logit_bias)
+        while len(_HEAD_CACHE) > _HEAD_CACHE_SIZE:
+            _HEAD_CACHE.popitem(last=False)
+    net = ZeroShotNet(model.visual, head, logit_scale, logit_bias).to(dtype)
+    return ZeroShotClassifier(net, _data_config(model, preprocess), class_names, name=name or f"{base} ({architecture})")
+
+
+def text_head(model, architecture: str, prompts: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+    """open_clip's zero-shot head [D, K] for ``prompts`` in every template (its tokenizer, template
+    averaging and normalisation), computed on the CPU with the model's text tower."""
+    import open_clip
+
     try:
         tokenizer = open_clip.get_tokenizer(architecture)
     except Exception as e:   # e.g. a Hugging Face tokenizer that is not on this machine
@@ -342,14 +362,8 @@ def load_zero_shot_classifier(path: str, architecture: str, class_names: Sequenc
                              f"({str(e).splitlines()[0][:200]})") from None
     _check_prompt_lengths(tokenizer, architecture, prompts, templates)
     with torch.no_grad():
-        head = open_clip.build_zero_shot_classifier(model, tokenizer, prompts, list(templates),
+        return open_clip.build_zero_shot_classifier(model, tokenizer, prompts, list(templates),
                                                     num_classes_per_batch=10, device="cpu", use_tqdm=False)
-    net = ZeroShotNet(model.visual, head, model.logit_scale, getattr(model, "logit_bias", None))
-    clf = ZeroShotClassifier(net, _data_config(model, preprocess), class_names, name=name or f"{base} ({architecture})")
-    _CACHE[key] = clf
-    while len(_CACHE) > _CACHE_SIZE:
-        _CACHE.popitem(last=False)
-    return clf
 
 
 def class_names_for(source: str, class_list: str = "", class_file_path: str = None) -> Tuple[List[str], List[str]]:

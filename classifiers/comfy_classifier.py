@@ -2,7 +2,6 @@
 management load / offload the classifier together with the diffusion model."""
 from __future__ import annotations
 
-import copy
 import os
 
 import torch
@@ -12,6 +11,7 @@ import comfy.model_patcher
 import folder_paths
 
 from ..common.comfy_folders import ensure_folder
+from ..common.grad_copy import plain_resident_copy
 from ..common.folders import bundled_folders
 from .clip_classifier import CLIP_EXTENSIONS
 from .timm_classifier import WEIGHT_EXTENSIONS, ImageClassifier
@@ -32,21 +32,42 @@ def register_folder() -> None:
     ensure_folder(CLASS_LIST_FOLDER_KEY, [os.path.join(folder_paths.models_dir, CLASS_LIST_FOLDER_KEY)], (".txt",))
 
 
+def patcher_class():
+    """The patcher class ComfyUI's own loaders use now: ``CoreModelPatcher`` (the dynamic-VRAM
+    patcher where ComfyUI turned DynamicVRAM on, else the plain one; looked up at call time, since
+    ComfyUI rebinds it at start-up), or ``ModelPatcher`` on ComfyUI without it (0.3.64)."""
+    return getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
+
+
 def classifier_patcher(classifier: ImageClassifier):
-    """The classifier's ModelPatcher: ComfyUI's plain (never dynamic) patcher, since the gradient
-    guider deep-copies the module. ``cached_patcher_init`` names a factory, as ComfyUI's core loaders
-    do, so that newer ComfyUI can make one per GPU for its multi-GPU split (``deepclone_multigpu``)."""
-    patcher = comfy.model_patcher.ModelPatcher(classifier, load_device=mm.get_torch_device(),
-                                               offload_device=mm.unet_offload_device())
+    """The classifier's ModelPatcher, of the class ComfyUI's own loaders use (:func:`patcher_class`),
+    so that a classifier in a load never changes how ComfyUI frees memory for the dynamic models
+    beside it. Whatever ComfyUI then loads (all, part, or nothing of it), the forward runs on the
+    load device (``timm_classifier.run_on_device``). ``cached_patcher_init`` names a factory, as
+    ComfyUI's core loaders do, for its multi-GPU split and non-dynamic delegates."""
+    patcher = patcher_class()(classifier, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
     patcher.cached_patcher_init = (classifier_patcher_copy, (classifier,))
     return patcher
 
 
 def classifier_patcher_copy(classifier: ImageClassifier, disable_dynamic: bool = False):
-    """A patcher of a copy of ``classifier`` (ComfyUI's reload factory; ``disable_dynamic``, passed
-    for non-dynamic delegates, has nothing to do: the pack's patchers are never dynamic)."""
-    with torch.inference_mode(False):
-        return classifier_patcher(copy.deepcopy(classifier))
+    """A patcher of a copy of ``classifier`` (ComfyUI's reload factory); ``disable_dynamic`` asks for
+    the plain patcher (ComfyUI's non-dynamic delegate)."""
+    # ComfyUI's runtime objects (DynamicVRAM's pinned host buffers on the module) are never duplicated
+    clone = plain_resident_copy(classifier, mm.unet_offload_device())
+    if disable_dynamic:
+        patcher = comfy.model_patcher.ModelPatcher(clone, load_device=mm.get_torch_device(),
+                                                   offload_device=mm.unet_offload_device())
+        patcher.cached_patcher_init = (classifier_patcher_copy, (classifier,))
+        return patcher
+    return classifier_patcher(clone)
+
+
+def classify(comfy_classifier, pixels: torch.Tensor) -> torch.Tensor:
+    """The classifier's logits for ``pixels`` on ComfyUI's load device of the classifier (not the
+    device of its first weight, which a partial load may have left on the offload device)."""
+    dev = comfy_classifier.patcher.load_device
+    return comfy_classifier.classifier(pixels if pixels.device == dev else pixels.to(dev))
 
 
 class ComfyClassifier:

@@ -94,6 +94,21 @@ def _meta_value(meta: Dict[str, str], sidecar: Dict, key: str):
 # the classifier
 # --------------------------------------------------------------------------------------------
 
+def run_on_device(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` on ``x``'s device whatever part of ``module`` lives elsewhere: the parameters and
+    buffers that are not on that device (a partial load left them on the offload device, or the
+    model was offloaded) are cast there for this forward only (``torch.func.functional_call``),
+    as ComfyUI's own layers cast offloaded weights on the fly; the module itself is not changed.
+    With everything in place this is the plain forward."""
+    dev = x.device
+    away = {n: t for n, t in list(module.named_parameters()) + list(module.named_buffers())
+            if t is not None and t.device != dev}
+    if not away:
+        return module(x)
+    moved = {n: t.to(dev, non_blocking=True) for n, t in away.items()}
+    return torch.func.functional_call(module, moved, (x,), strict=False)
+
+
 def straight_through_clamp(x: torch.Tensor, lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
     """x clamped to [lo, hi] in value, with the gradient of the identity: a gradient taken through
     it is the gradient with respect to the clamped image (nothing is zeroed where x overshoots)."""
@@ -167,8 +182,10 @@ class ImageClassifier(torch.nn.Module):
         return (x - self.mean.to(x.device)) / self.std.to(x.device)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits (fp32) of ``images`` ([B, 3, H, W] in [0, 1]), computed on ``images``' device in
+        the weights' dtype (:func:`run_on_device`: a partly offloaded classifier still runs there)."""
         x = self.preprocess(images).to(self.dtype)
-        return self.net(x).float()
+        return run_on_device(self.net, x).float()
 
 
 def _head_classes(model, sd: Dict[str, torch.Tensor]) -> Optional[int]:
@@ -181,9 +198,21 @@ def _head_classes(model, sd: Dict[str, torch.Tensor]) -> Optional[int]:
     return None
 
 
-def load_timm_classifier(path: str, architecture: str = "", name: str = "") -> ImageClassifier:
+WEIGHT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def weight_dtype_of(name: str) -> torch.dtype:
+    """The torch dtype of a ``weight_dtype`` choice (fp32 | fp16 | bf16)."""
+    if name not in WEIGHT_DTYPES:
+        raise GFCGInputError(f"weight_dtype: {name!r} is not one of {', '.join(WEIGHT_DTYPES)} (or auto)")
+    return WEIGHT_DTYPES[name]
+
+
+def load_timm_classifier(path: str, architecture: str = "", name: str = "",
+                         dtype: torch.dtype = torch.float32) -> ImageClassifier:
     """Build a timm classifier from a local weights file; see the module docstring for the sources
-    of architecture, class count, class names and data config. Loads with ``strict=True``."""
+    of architecture, class count, class names and data config. Loads with ``strict=True``, then
+    casts the weights to ``dtype`` (the input is cast to it too; logits come back in fp32)."""
     import timm
 
     sd, meta = read_weights(path)
@@ -218,7 +247,7 @@ def load_timm_classifier(path: str, architecture: str = "", name: str = "") -> I
         names = imagenet_class_names() if int(k) == 1000 else [f"class_{i}" for i in range(int(k))]
     if len(names) != int(k):
         raise GFCGInputError(f"classifier {base!r} has {k} outputs but its class_names list has {len(names)} entries")
-    return ImageClassifier(net, DataConfig.from_timm(cfg), names, name=name or base)
+    return ImageClassifier(net.to(dtype), DataConfig.from_timm(cfg), names, name=name or base)
 
 
 def save_timm_classifier(path: str, net: torch.nn.Module, architecture: str,

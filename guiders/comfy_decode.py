@@ -8,7 +8,7 @@ import torch
 
 from ..classifiers.timm_classifier import straight_through_clamp
 from ..common.errors import GFCGInputError
-from .grad_copy import plain_resident_copy
+from ..common.grad_copy import plain_resident_copy
 from .pixels import auto_latent_size, is_pixel_vae, latent_rgb
 
 log = logging.getLogger("comfyui_gfcg")

@@ -76,9 +76,8 @@ class ClassifierGuidanceGuider(comfy.samplers.CFGGuider):
 
     def _logits(self, x0: torch.Tensor) -> torch.Tensor:
         pixels = self.decoder(self.inner_model, x0)
-        net = self._grad_classifier
-        dev = next(net.parameters()).device
-        return net(pixels if pixels.device == dev else pixels.to(dev))
+        dev = self.classifier.patcher.load_device      # not the first weight's: a partial load may split it
+        return self._grad_classifier(pixels if pixels.device == dev else pixels.to(dev))
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
         positive, negative = self.conds.get("positive"), self.conds.get("negative")

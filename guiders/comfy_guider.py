@@ -21,6 +21,7 @@ import comfy.patcher_extension
 import comfy.sampler_helpers
 import comfy.samplers
 
+from ..classifiers.comfy_classifier import classify
 from ..common.errors import GFCGInputError
 from .callconv import call_with_supported, extra_arguments, named_arguments
 from .checks import (check_finite_latent, check_guide_model, check_label_use, check_vae, make_reference,
@@ -29,7 +30,9 @@ from .comfy_decode import PixelDecoder, additional_models, resolve_decode
 from .comfy_forward import batched_forward, guide_options, single_device
 from .comfy_hooks import comfy_cfg_function, post_cfg_hooks, pre_cfg_hooks, report_trace
 from .config import GFCGConfig
+from .core import reference_candidates
 from .engine import Branch, GFCGEngine
+from .references import TextReference
 
 log = logging.getLogger("comfyui_gfcg")
 
@@ -37,6 +40,21 @@ log = logging.getLogger("comfyui_gfcg")
 # the arguments of CFGGuider.inner_sample that every supported ComfyUI passes (v0.3.64's list)
 _INNER_SAMPLE_ARGS = ("noise", "latent_image", "device", "sampler", "sigmas", "denoise_mask", "callback",
                       "disable_pbar", "seed")
+
+
+def encode_references(reference: TextReference, classes) -> int:
+    """Encode, before sampling, every reference prompt of ``classes`` that the CLIP has not encoded yet
+    (ComfyUI loads the text encoder now, not while the diffusion model samples), with a progress bar
+    on the executing node; later guiders and runs with the same CLIP reuse them."""
+    import comfy.utils
+
+    todo = len(reference.missing(classes))
+    if not todo:
+        return 0
+    log.info("GFCG: encoding %d reference prompts (%r) before sampling; runs with the same CLIP reuse them",
+             todo, reference.template)
+    bar = comfy.utils.ProgressBar(todo)
+    return reference.prepare(classes, progress=lambda done, total: bar.update_absolute(done, total))
 
 
 class GFCGGuider(comfy.samplers.CFGGuider):
@@ -72,6 +90,10 @@ class GFCGGuider(comfy.samplers.CFGGuider):
         self.engine = GFCGEngine(config, combine=combine, mode=mode, scale=float(scale))
         self.classifier = classifier
         self.reference = make_reference(positive, classifier.class_names, clip, prompt_template)
+        if isinstance(self.reference, TextReference):
+            encode_references(self.reference, reference_candidates(
+                config.reference_mode, classifier.classifier.num_classes, [config.desired_class],
+                config.fixed_reference))
         check_label_use(model_patcher.model, guide_patcher.model if guide_patcher is not None else None,
                         self.reference, combine, mode)
         self.decoder = PixelDecoder(vae, decode, decode_resolution, classifier.classifier.resize_size)
@@ -169,9 +191,7 @@ class GFCGGuider(comfy.samplers.CFGGuider):
                         "classifier cannot judge those samples and GFCG leaves them alone; the decoder may be "
                         "broken (e.g. a half-written TAESD or VAE file) or overflow in fp16: try another decode "
                         "or VAE", self.decoder.method)
-        module = self.classifier.classifier
-        dev = next(module.parameters()).device
-        return module(pixels if pixels.device == dev else pixels.to(dev))
+        return classify(self.classifier, pixels)
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
         conds = self.conds

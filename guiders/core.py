@@ -12,7 +12,7 @@ are the paper's and which are this project's reading is stated in the README ("T
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -116,6 +116,16 @@ def decide(probs: torch.Tensor, desired: torch.Tensor, tau: float, alpha: float,
         else:
             reference[confused] = deterministic_reference(probs[confused], desired[confused])
     return Decision(omega=omega, reference=reference, confused=confused, p_des=p_des)
+
+
+def reference_candidates(mode: str, num_classes: int, desired: Sequence[int],
+                         fixed_reference: Optional[int] = None) -> List[int]:
+    """Every class ``decide`` can pick as a reference: the fixed class in mode 'fixed', else every
+    class that is not desired (the runner-up and the stochastic draw exclude the desired class)."""
+    if mode == "fixed":
+        return [int(fixed_reference)]
+    skip = {int(d) for d in desired}
+    return [k for k in range(int(num_classes)) if k not in skip]
 
 
 # --------------------------------------------------------------------------------------------

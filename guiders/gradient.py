@@ -27,6 +27,7 @@ from typing import Callable, List, Mapping, Optional
 import torch
 
 from ..common.errors import GFCGInputError, check_range
+from ..common.grad_copy import plain_resident_copy
 from .engine import Branch, Evaluate, StepResult
 from .core import cfg as cfg_combine
 from .schedule import check_sigmas, step_index, step_starts
@@ -49,8 +50,7 @@ def softplus_copy(module: torch.nn.Module, beta: float) -> tuple:
     """
     if not beta > 0:
         raise GFCGInputError(f"softplus_beta: must be > 0 (inf keeps ReLU), got {beta}")
-    with torch.inference_mode(False):
-        out = copy.deepcopy(module)
+    out = plain_resident_copy(module, None)     # never duplicates ComfyUI's runtime objects (DynamicVRAM)
     n = 0
     if math.isinf(beta):
         return out, n

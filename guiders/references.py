@@ -7,13 +7,16 @@ Two sources, chosen by the guider node:
 * text-to-image models: the class name is put into a prompt template ("a photo of a {}") and
   encoded with the CLIP given to the node; the reference is the positive conditioning with only its
   text part replaced by that encoding (:func:`replace_text`), so that the two branches differ in the
-  class alone; references are cached per class.
+  class alone. Every prompt a run can need is encoded before sampling (:meth:`TextReference.prepare`),
+  so no text encoder is loaded while the diffusion model samples; the encodings are kept per CLIP
+  object (weakly: they go when ComfyUI drops the CLIP) and reused by later runs and guiders.
 
 Works on ComfyUI's CONDITIONING lists ``[[tensor, dict], ...]`` without importing ComfyUI.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+import weakref
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
@@ -112,11 +115,25 @@ def replace_text(positive, encoded) -> list:
     return out
 
 
+# CLIP object -> {prompt: encoding}. Weak keys: an entry lives as long as ComfyUI keeps the CLIP (its
+# loader's output), so nothing here keeps a model alive; the values are the encodings' tensors alone.
+_ENCODINGS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def encodings_of(clip) -> Dict[str, list]:
+    """The prompt -> encoding store of ``clip`` (a fresh dict for objects that take no weak reference)."""
+    try:
+        return _ENCODINGS.setdefault(clip, {})
+    except TypeError:
+        return {}
+
+
 class TextReference:
     """Reference conditioning for text models: ``template.format(name_k)`` encoded with ``clip``
     (any object with ComfyUI's CLIP ``tokenize`` / ``encode_from_tokens_scheduled``) and put in place
-    of the text part of ``positive`` (:func:`replace_text`), cached per class. Without a positive
-    (``None``) the bare encoding is the reference."""
+    of the text part of ``positive`` (:func:`replace_text`). Without a positive (``None``) the bare
+    encoding is the reference. Encodings are shared per CLIP object (:func:`encodings_of`); call
+    :meth:`prepare` before sampling so that ``__call__`` never runs the text encoder in the loop."""
 
     def __init__(self, clip, template: str, class_names: Sequence[str], positive=None):
         if "{}" not in template:
@@ -132,15 +149,44 @@ class TextReference:
         self.template = template
         self.class_names = list(class_names)
         self.positive = positive
+        self._encodings = encodings_of(clip)
         self._cache: Dict[int, List] = {}
+        self.encoded_in_loop = 0          # encodings __call__ had to make itself (none after prepare)
 
     def prompt(self, k: int) -> str:
         return self.template.replace("{}", short_name(self.class_names[int(k)]))
 
+    def missing(self, classes: Iterable[int]) -> List[int]:
+        """The classes among ``classes`` whose prompt has no encoding yet (each prompt once)."""
+        out, seen = [], set()
+        for k in classes:
+            p = self.prompt(k)
+            if p not in self._encodings and p not in seen:
+                seen.add(p)
+                out.append(int(k))
+        return out
+
+    def _encode(self, k: int) -> list:
+        tokens = self.clip.tokenize(self.prompt(k))
+        return self.clip.encode_from_tokens_scheduled(tokens)
+
+    def prepare(self, classes: Iterable[int], progress: Optional[Callable[[int, int], None]] = None) -> int:
+        """Encode every prompt of ``classes`` that is not encoded yet (``progress(done, total)`` after
+        each); returns how many were encoded."""
+        todo = self.missing(classes)
+        for i, k in enumerate(todo):
+            self._encodings[self.prompt(k)] = self._encode(k)
+            if progress is not None:
+                progress(i + 1, len(todo))
+        return len(todo)
+
     def __call__(self, k: int):
         k = int(k)
         if k not in self._cache:
-            tokens = self.clip.tokenize(self.prompt(k))
-            encoded = self.clip.encode_from_tokens_scheduled(tokens)
+            p = self.prompt(k)
+            if p not in self._encodings:
+                self.encoded_in_loop += 1
+                self._encodings[p] = self._encode(k)
+            encoded = self._encodings[p]
             self._cache[k] = encoded if self.positive is None else replace_text(self.positive, encoded)
         return self._cache[k]

@@ -25,7 +25,7 @@ def status() -> dict:
         models.append({"type": type(inner).__name__ if inner is not None else type(m).__name__,
                        "mb": round(lm.model_memory() / 2 ** 20, 1)})
     return {"loaded_models": models, "loaded_model_count": len(models),
-            "zero_shot_heads_cached": len(clip_classifier._CACHE)}
+            "zero_shot_heads_cached": len(clip_classifier._HEAD_CACHE)}
 
 
 def register_routes() -> bool:

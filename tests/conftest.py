@@ -89,9 +89,39 @@ SKIP_REASON = ("no ComfyUI tree found: set COMFYUI_PATH, or lay the shared trees
 
 _state = {}
 
+# The device the ComfyUI tests run on: "cpu" (default; CI) or "cuda" (GFCG_TEST_DEVICE=cuda, a GPU
+# machine: ComfyUI picks its device as a user's server does, DynamicVRAM included).
+TEST_DEVICE = os.environ.get("GFCG_TEST_DEVICE", "cpu").strip().lower() or "cpu"
+if TEST_DEVICE not in ("cpu", "cuda"):
+    raise RuntimeError(f"GFCG_TEST_DEVICE={TEST_DEVICE!r}: use cpu or cuda")
+ON_GPU = TEST_DEVICE == "cuda"
+
+
+def tol(cpu: float, cuda: float) -> float:
+    """A comparison's tolerance on the device the tests run on (``cuda`` may be looser: TF32 matmuls,
+    other kernels; never ``cpu`` looser than it was)."""
+    return cuda if ON_GPU else cpu
+
+
+def server_device_args():
+    """ComfyUI's command-line arguments for the test device, and a stand-in frontend folder where
+    ``comfyui_frontend_package`` is missing (a GPU machine without network)."""
+    extra = [] if ON_GPU else ["--cpu"]
+    try:
+        import comfyui_frontend_package  # noqa: F401
+    except ImportError:
+        import tempfile
+
+        fe = Path(tempfile.gettempdir()) / "gfcg-stand-in-frontend"
+        fe.mkdir(exist_ok=True)
+        (fe / "index.html").write_text("<html><body>stand-in frontend (tests)</body></html>")
+        extra += ["--front-end-root", str(fe)]
+    return extra
+
 
 def load_comfy():
-    """Import ComfyUI on the CPU and load this pack into its node registry (once per session)."""
+    """Import ComfyUI on the test device (the CPU unless GFCG_TEST_DEVICE=cuda) and load this pack
+    into its node registry (once per session)."""
     if "nodes" in _state:
         return _state
     if COMFYUI is None:
@@ -100,7 +130,7 @@ def load_comfy():
         sys.path.insert(0, str(COMFYUI))
     from comfy.cli_args import args
 
-    args.cpu = True
+    args.cpu = not ON_GPU
     import comfy.model_management  # noqa: F401  (after args.cpu)
     import nodes as comfy_nodes
 
@@ -160,17 +190,20 @@ def server(tmp_path_factory):
 
 @contextlib.contextmanager
 def run_server(base: Path, extra_args=()):
-    """A ComfyUI server (--cpu) on a free loopback port with its writable folders under ``base``
+    """A ComfyUI server (--cpu unless GFCG_TEST_DEVICE=cuda) on a free loopback port with its writable folders under ``base``
     (out, tmp, in, user; made here) and ``extra_args``; yields its URL, log in base/server.log."""
     for sub in ("out", "tmp", "user", "in"):
         (base / sub).mkdir(exist_ok=True)
     port = _free_port()
     log = open(base / "server.log", "w")
-    cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+    cmd = [sys.executable, "main.py", *server_device_args(), "--listen", "127.0.0.1", "--port", str(port),
            "--output-directory", str(base / "out"), "--temp-directory", str(base / "tmp"),
            "--input-directory", str(base / "in"), "--user-directory", str(base / "user"),
            "--database-url", "sqlite:///:memory:", "--disable-api-nodes", "--dont-print-server", *extra_args]
-    env = dict(os.environ, PYTHONPATH="")
+    # the repo root must not shadow ComfyUI's modules; other PYTHONPATH entries (a GPU machine's
+    # extra site folder) stay
+    keep = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != REPO]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(keep))
     proc = subprocess.Popen(cmd, cwd=COMFYUI, stdout=log, stderr=subprocess.STDOUT, env=env)
     (base / "server.pid").write_text(str(proc.pid))
     url = f"http://127.0.0.1:{port}"
@@ -231,6 +264,20 @@ def small_text_prompt(name, size=64, steps=2):
             v["inputs"].update(width=size, height=size, batch_size=1)
         if v["class_type"] == "BasicScheduler":
             v["inputs"]["steps"] = steps
+    return prompt
+
+
+def one_reference_on_cpu(prompt, reference_class):
+    """On the CPU, a text workflow's GFCG nodes switched to one fixed reference class: before sampling
+    the guider encodes every reference prompt the run can need (all classes but the desired one for
+    the runner-up mode), which for a 1000-class classifier and a full-size text encoder is minutes on
+    two CPU cores (seconds on a GPU). The encode-all path itself is tested with tiny CLIPs
+    (test_comfy_memory). On a GPU (GFCG_TEST_DEVICE=cuda) the workflow runs as shipped."""
+    if ON_GPU:
+        return prompt
+    for v in prompt.values():
+        if v["class_type"] == "GFCGGuider":
+            v["inputs"].update(reference="fixed", fixed_reference_class=reference_class)
     return prompt
 
 

@@ -106,12 +106,23 @@ def test_templates_and_names_come_from_open_clip():
         parse_class_list("cat\nCat")
 
 
-def test_cache_per_checkpoint_classes_and_templates(tiny):
+def test_cache_per_checkpoint_classes_and_templates(tiny, monkeypatch):
+    """The text head is cached per (checkpoint, classes, templates); the classifier module never is:
+    every load builds its own tower, which ComfyUI's model management then owns."""
     path, _, _ = tiny
+    heads = []
+    real = open_clip.build_zero_shot_classifier
+    monkeypatch.setattr(open_clip, "build_zero_shot_classifier", lambda *a, **k: heads.append(1) or real(*a, **k))
+    clip_classifier._HEAD_CACHE.clear()
     a = load_zero_shot_classifier(path, ARCH, CLASSES, ["a photo of a {}."])
-    assert load_zero_shot_classifier(path, ARCH, CLASSES, ["a photo of a {}."]) is a
-    assert load_zero_shot_classifier(path, ARCH, CLASSES[:3], ["a photo of a {}."]) is not a
-    assert load_zero_shot_classifier(path, ARCH, CLASSES, ["art of a {}."]) is not a
+    b = load_zero_shot_classifier(path, ARCH, CLASSES, ["a photo of a {}."])
+    assert b is not a and b.net is not a.net and len(heads) == 1       # a new tower, the cached head
+    torch.testing.assert_close(b.net.head, a.net.head, rtol=0, atol=0)
+    assert b.net.head.data_ptr() != a.net.head.data_ptr()                # no tensor shared between models
+    load_zero_shot_classifier(path, ARCH, CLASSES[:3], ["a photo of a {}."])
+    load_zero_shot_classifier(path, ARCH, CLASSES, ["art of a {}."])
+    assert len(heads) == 3
+    assert all(torch.is_tensor(t) or t is None for entry in clip_classifier._HEAD_CACHE.values() for t in entry)
 
 
 def test_bad_files_and_architectures(tiny, tmp_path):
@@ -246,7 +257,7 @@ def test_loader_takes_the_tag_or_explicit_preprocessing(tiny):
     images = smooth_images(50, 79)
     torch.testing.assert_close(clf.preprocess(images), torch.stack([pre(im) for im in images]), rtol=0, atol=2e-5)
     plain = load_zero_shot_classifier(path, ARCH, CLASSES, ["{}"])
-    assert plain is not clf and plain.data_config.crop_mode == "center"     # cached per preprocessing
+    assert plain is not clf and plain.data_config.crop_mode == "center"
     assert plain.data_config.mean == tuple(open_clip.constants.OPENAI_DATASET_MEAN)
     with pytest.raises(GFCGInputError, match="^pretrained: 'webli' is not an open_clip pretrained tag"):
         load_zero_shot_classifier(path, ARCH, CLASSES, ["{}"], pretrained="webli")

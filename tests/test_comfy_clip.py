@@ -43,9 +43,10 @@ def test_loader_node_logits_match_open_clip(clip_env):
         direct, _ = clip_env["model"].get_logits(pre, texts)
     torch.testing.assert_close(ours, direct, rtol=1e-5, atol=1e-5)
     assert clf.class_names == TEN
-    # the same list from a text file: the same classifier (cached head)
+    # the same list from a text file: the same logits (the cached head), a classifier of its own
     same = cls.execute(**dict(kw, class_source="file", class_file="ten.txt", class_list="")).result[0]
-    assert same.classifier is clf.classifier
+    assert same.classifier is not clf.classifier
+    torch.testing.assert_close(same.classifier(images), ours, rtol=0, atol=0)
     assert "class_file" in cls.validate_inputs(**dict(kw, class_source="file", class_file="(none)"))
     assert "custom_templates" in cls.validate_inputs(**dict(kw, templates="custom", custom_templates="no slot"))
     assert "clip_name" in cls.validate_inputs(**dict(kw, clip_name="missing.safetensors"))

@@ -153,7 +153,7 @@ class RowClassifier(torch.nn.Module):
 
     def forward(self, x):
         b = x.shape[0]
-        logits = torch.full((b, 10), -10.0)
+        logits = torch.full((b, 10), -10.0, device=x.device)
         for i in range(b):
             logits[i, 3] = 10.0 if i % 2 == 0 else 0.0
             logits[i, 5] = 1.0

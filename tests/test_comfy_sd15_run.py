@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from conftest import api_post, api_wait, load_comfy, small_text_prompt, view_image
+from conftest import api_post, api_wait, load_comfy, one_reference_on_cpu, small_text_prompt, view_image
 
 pytestmark = pytest.mark.comfy
 
@@ -102,7 +102,7 @@ def sd15_files(server):
 
 def test_sd15_workflow_runs_over_http(sd15_files):
     url, _, base = sd15_files
-    prompt = small_text_prompt("sd15_gfcg_cfg", size=64, steps=2)
+    prompt = one_reference_on_cpu(small_text_prompt("sd15_gfcg_cfg", size=64, steps=2), "tabby cat")
     kinds = {v["class_type"] for v in prompt.values()}
     assert {"CheckpointLoaderSimple", "GFCGGuider", "GFCGCombiner", "SamplerCustomAdvanced"} <= kinds
     t0 = time.time()

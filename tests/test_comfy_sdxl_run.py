@@ -28,7 +28,7 @@ import time
 import pytest
 import torch
 
-from conftest import COMFYUI, REPO, SKIP_REASON, api_post, api_wait, load_comfy, run_server, small_text_prompt, view_image
+from conftest import COMFYUI, REPO, SKIP_REASON, api_post, api_wait, load_comfy, run_server, one_reference_on_cpu, small_text_prompt, view_image
 
 pytestmark = pytest.mark.comfy
 
@@ -178,7 +178,7 @@ def _peak_rss_gb(pid: int) -> float:
 
 def test_sdxl_workflow_runs_over_http(sdxl_server):
     url, base = sdxl_server
-    prompt = small_text_prompt("sdxl_gfcg_cfg", size=64, steps=2)
+    prompt = one_reference_on_cpu(small_text_prompt("sdxl_gfcg_cfg", size=64, steps=2), "tabby cat")
     kinds = {v["class_type"] for v in prompt.values()}
     assert {"CheckpointLoaderSimple", "CLIPTextEncodeSDXL", "GFCGGuider", "GFCGCombiner",
             "SamplerCustomAdvanced"} <= kinds

@@ -1,4 +1,4 @@
-"""The grad-capable copy of a loaded VAE decoder (guiders.grad_copy), framework-free: a module laid
+"""The grad-capable copy of a loaded VAE decoder (common.grad_copy), framework-free: a module laid
 out as ComfyUI's loaders leave it -- weights made under inference mode, comfy.ops cast hooks on,
 and (DynamicVRAM) runtime objects that own native memory on layers and on the root."""
 import gc
@@ -6,7 +6,7 @@ import gc
 import pytest
 import torch
 
-from comfyui_gfcg.guiders.grad_copy import RUNTIME_ATTRS, plain_resident_copy
+from comfyui_gfcg.common.grad_copy import RUNTIME_ATTRS, plain_resident_copy
 
 
 class NativeOwner:

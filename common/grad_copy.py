@@ -28,7 +28,8 @@ RUNTIME_ATTRS = ("_v", "_v_signature", "_v_weight", "_v_bias", "_v_block", "_pre
 
 def plain_resident_copy(module: torch.nn.Module, device, dtype: Optional[torch.dtype] = None,
                         skip: Iterable[torch.nn.Module] = ()) -> torch.nn.Module:
-    """A grad-capable copy of ``module`` on ``device`` (floating weights cast to ``dtype`` if given)
+    """A grad-capable copy of ``module`` on ``device`` (``None``: each tensor where it is; floating
+    weights cast to ``dtype`` if given)
     without the submodules in ``skip`` (they become ``None``) and without ComfyUI's runtime state.
 
     Runtime objects are shared during the copy (never duplicated, so nothing the original owns is
@@ -48,7 +49,8 @@ def plain_resident_copy(module: torch.nn.Module, device, dtype: Optional[torch.d
             if hasattr(m, "comfy_cast_weights"):
                 m.comfy_cast_weights = False
                 m.weight_function, m.bias_function = [], []
-        out.to(device=device)
+        if device is not None:
+            out.to(device=device)
         if dtype is not None:
             for p in list(out.parameters()) + list(out.buffers()):
                 if p.is_floating_point() and p.dtype != dtype:

@@ -1,0 +1,185 @@
+"""What a small GPU does to the pack, simulated on the CPU (issue "On the GPUs people have", item 7):
+partial loads of a classifier (the ``meta`` device stands in for the GPU: a partial load moves only
+what fits), a loader output that ComfyUI drops, and the reference prompts of a KSampler with the
+GFCG Model Patch, run twice. Each test failed before its fix (review3 r2, r1, r6)."""
+import gc
+import logging
+
+import pytest
+import torch
+
+from conftest import node
+
+pytestmark = pytest.mark.comfy
+open_clip = pytest.importorskip("open_clip")
+
+CLASSES = "cat\ndog\nfox"
+
+
+@pytest.fixture(scope="module")
+def clip_file(env, tmp_path_factory):
+    import folder_paths
+
+    from test_clip_classifier import ARCH, save_tiny
+
+    folder = tmp_path_factory.mktemp("gfcg_clip_memory")
+    path, _ = save_tiny(str(folder))
+    folder_paths.add_model_folder_path("gfcg_clip", str(folder))
+    return dict(name=path.split("/")[-1], arch=ARCH, path=path)
+
+
+def zero_shot(env, clip_file, classes=CLASSES):
+    with torch.inference_mode():      # as ComfyUI executes nodes
+        return node(env, "GFCGLoadZeroShotClassifier", clip_name=clip_file["name"], architecture=clip_file["arch"],
+                    class_source="list", class_list=classes, templates="a photo of a {}.")
+
+
+def devices(module):
+    return {str(t.device) for t in list(module.parameters()) + list(module.buffers())}
+
+
+@pytest.mark.parametrize("kind", ["timm", "zero-shot"])
+@pytest.mark.parametrize("fraction", [0.0, 0.5, 0.9])
+def test_partially_loaded_classifier_runs_on_the_load_device(env, clip_file, kind, fraction):
+    """review3 r2: ComfyUI loads a classifier partially (lowvram) when VRAM is short; the parts that do
+    not fit stay on the offload device. Before: 'Expected all tensors to be on the same device'."""
+    import copy
+
+    import comfy.model_patcher
+
+    clf = env["clf"] if kind == "timm" else zero_shot(env, clip_file)
+    module = copy.deepcopy(clf.classifier)
+    images = torch.rand(2, 3, 24, 24)
+    want = module(images)
+    p = comfy.model_patcher.ModelPatcher(module, load_device=torch.device("meta"), offload_device=torch.device("cpu"))
+    p.partially_load(torch.device("meta"), extra_memory=p.model_size() * fraction)
+    if fraction == 0.9:
+        assert devices(module) == {"meta", "cpu"}, "the simulated partial load must split the classifier"
+    out = module(images.to("meta"))                   # the forward runs on the load device
+    assert out.device.type == "meta" and out.shape == want.shape
+    if fraction == 0.9:
+        assert devices(module) == {"meta", "cpu"}      # nothing was moved behind ComfyUI's back
+
+
+def test_classifier_patcher_is_the_one_comfyui_loaders_use(env):
+    """A plain (never dynamic) patcher in a load makes ComfyUI really unload the dynamic models beside
+    it; the classifier's patcher is ComfyUI's CoreModelPatcher (dynamic where DynamicVRAM is on)."""
+    import comfy.model_patcher
+
+    want = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
+    patcher = env["clf"].patcher
+    assert isinstance(patcher, want)
+    if hasattr(patcher, "is_dynamic"):
+        import comfy.model_management as mm
+
+        # on the CPU ComfyUI hands out the plain patcher; on a DynamicVRAM GPU the dynamic one
+        assert patcher.is_dynamic() == (want is not comfy.model_patcher.ModelPatcher
+                                        and mm.get_torch_device().type == "cuda")
+    copy_patcher = patcher.cached_patcher_init[0](*patcher.cached_patcher_init[1], disable_dynamic=True)
+    assert type(copy_patcher) is comfy.model_patcher.ModelPatcher
+    assert copy_patcher.model is not patcher.model
+
+
+class _Logs(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_dropped_zero_shot_output_leaves_no_dead_model(env, clip_file):
+    """review3 r1: the zero-shot loader cached whole classifiers, so a loader output ComfyUI dropped
+    stayed alive: a dead LoadedModel never offloaded (VRAM held until restart) and a 'memory leak'
+    warning with a full gc.collect() on every later model load."""
+    import comfy.model_management as mm
+
+    first = zero_shot(env, clip_file, "cat\ndog")
+    mm.load_models_gpu([first.patcher])
+    second = zero_shot(env, clip_file, "cat\ndog\nfox")
+    mm.load_models_gpu([second.patcher])
+    first_module = first.classifier
+    ref = __import__("weakref").ref(first_module)
+    del first, first_module                         # ComfyUI's output cache drops the old output
+    gc.collect()
+    assert ref() is None, "the dropped classifier is still alive (cached behind ComfyUI's back)"
+    assert not [lm for lm in mm.current_loaded_models if lm.is_dead()]
+    logs = _Logs()
+    logging.getLogger().addHandler(logs)
+    try:
+        mm.load_models_gpu([second.patcher])
+    finally:
+        logging.getLogger().removeHandler(logs)
+    assert not [m for m in logs.messages if "leak" in m.lower()], logs.messages
+
+
+def _tiny_sd_clip():
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.supported_models_base
+
+    clip = comfy.sd.CLIP(target=comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer,
+                                                                       comfy.sd1_clip.SD1ClipModel),
+                         model_options={"clip_l_model_config": {"hidden_size": 16, "intermediate_size": 32,
+                                                                "num_attention_heads": 2, "num_hidden_layers": 3,
+                                                                "projection_dim": 16}})
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in clip.cond_stage_model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return clip
+
+
+def test_reference_prompts_are_encoded_before_sampling_once_per_clip(env, monkeypatch):
+    """review3 r6: reference prompts were encoded inside the sampling loop, so ComfyUI loaded the text
+    encoder while the diffusion model sampled (load_models_gpu mid-run), again on every KSampler
+    run with the Model Patch. Now: every prompt the run can need before the first step, once."""
+    import comfy.model_management as mm
+    import comfy.samplers
+    import nodes as comfy_nodes
+
+    cm = env["cm"]
+    clip = _tiny_sd_clip()
+    pos = comfy_nodes.CLIPTextEncode().encode(clip, "a photo of a shape 3")[0]
+    neg = comfy_nodes.CLIPTextEncode().encode(clip, "blurry")[0]
+    model, _ = cm.tiny_model()
+    state = {"sampling": False, "mid_run_loads": [], "encodes": 0}
+    orig_load, orig_pn = mm.load_models_gpu, comfy.samplers.CFGGuider.outer_predict_noise
+    orig_encode = type(clip).encode_from_tokens_scheduled
+
+    def spy_load(models, *a, **k):
+        if state["sampling"]:
+            state["mid_run_loads"].append([type(x.model).__name__ for x in models])
+        return orig_load(models, *a, **k)
+
+    def spy_predict(self, *a, **k):
+        state["sampling"] = True
+        try:
+            return orig_pn(self, *a, **k)
+        finally:
+            state["sampling"] = False
+
+    def spy_encode(self, *a, **k):
+        state["encodes"] += 1
+        return orig_encode(self, *a, **k)
+
+    monkeypatch.setattr(mm, "load_models_gpu", spy_load)
+    monkeypatch.setattr(comfy.samplers.CFGGuider, "outer_predict_noise", spy_predict)
+    monkeypatch.setattr(type(clip), "encode_from_tokens_scheduled", spy_encode)
+    patched = node(env, "GFCGModelPatch", model=model, classifier=env["clf"], desired_class="shape 3", tau=1.0,
+                   alpha=4.0, beta=1.0, window_start=0.0, window_end=1.0, period=1, reference="deterministic",
+                   clip=clip, prompt_template="a photo of a {}")
+    encodes = []
+    for run in range(2):
+        before = state["encodes"]
+        with torch.inference_mode():
+            comfy_nodes.KSampler().sample(patched, run, 3, 3.0, "euler", "karras", pos, neg,
+                                          {"samples": torch.zeros(2, 3, 16, 16)}, denoise=1.0)
+        encodes.append(state["encodes"] - before)
+    classes = env["clf"].classifier.num_classes
+    assert state["mid_run_loads"] == [], f"models loaded inside the sampling loop: {state['mid_run_loads']}"
+    assert encodes == [classes - 1, 0], encodes       # every class but the desired one, then none again
+    # the reference branch really ran with those encodings (tau 1: every sample is confused)
+    guider = patched.get_wrappers("outer_sample", "comfyui_gfcg.model_patch")[0].last_guider
+    assert guider.reference.encoded_in_loop == 0 and guider.reference._cache
