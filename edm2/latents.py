@@ -36,8 +36,20 @@ _s, _b = default_scale_bias()
 EDM2_DEFAULT_ENCODER = {"kind": "stability_vae", "vae_name": "stabilityai/sd-vae-ft-mse", "scale": _s, "bias": _b}
 
 
+_CONSTANTS: dict = {}
+
+
 def _v(vals, like):
-    return torch.as_tensor(vals, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
+    """The per-channel constants ``vals`` as [1, C, 1, 1] on ``like``'s device and dtype, made once
+    per (values, device, dtype): no host-to-device copy each time a latent is converted."""
+    key = (tuple(float(v) for v in vals), like.device, like.dtype)
+    t = _CONSTANTS.get(key)
+    if t is None:
+        if len(_CONSTANTS) > 64:
+            _CONSTANTS.clear()
+        with torch.inference_mode(False):   # an ordinary tensor: usable by autograd (gradient guidance) too
+            t = _CONSTANTS[key] = torch.as_tensor(key[0], dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
+    return t
 
 
 def raw_to_edm2(z: torch.Tensor, scale, bias) -> torch.Tensor:

@@ -168,8 +168,10 @@ class GFCGGuider(comfy.samplers.CFGGuider):
                 entries.append((conds[br.cond], br.rows, 1 if br.cond == "negative" else 0))
                 slots.append((bi, None))
                 continue
-            for k in torch.unique(br.classes).tolist():   # one entry per reference class
-                sel = (br.classes == k).nonzero().squeeze(1)
+            # one entry per reference class; one host read (the classes and their counts)
+            order = torch.argsort(br.classes, stable=True)
+            classes, counts = torch.unique_consecutive(br.classes[order], return_counts=True)
+            for k, sel in zip(classes.tolist(), order.split(counts.tolist())):
                 entries.append((self._reference_cond(which, k), br.rows[sel], 0))
                 slots.append((bi, sel))
         outs = batched_forward(model, entries, x, t, model_options)

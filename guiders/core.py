@@ -12,7 +12,7 @@ are the paper's and which are this project's reading is stated in the README ("T
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -84,9 +84,28 @@ class Decision:
         return cls(omega=torch.ones(batch, device=device), reference=torch.zeros(batch, dtype=torch.long, device=device),
                    confused=torch.zeros(batch, dtype=torch.bool, device=device), p_des=torch.ones(batch, device=device))
 
+    def _rows(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(confused rows, confident rows), ascending, on ``confused``'s device, from ONE host read
+        (the count; a stable sort puts the confused rows first), kept for every later use of this
+        decision. A decision is not changed once it is used."""
+        cached = self.__dict__.get("_split")
+        if cached is None:
+            order = torch.argsort((~self.confused).to(torch.uint8), stable=True)
+            n = int(self.confused.sum())
+            cached = self.__dict__["_split"] = (order[:n], order[n:])
+        return cached
+
     @property
     def any_confused(self) -> bool:
-        return bool(self.confused.any())
+        return self._rows()[0].numel() > 0
+
+    @property
+    def confused_rows(self) -> torch.Tensor:
+        return self._rows()[0]
+
+    @property
+    def confident_rows(self) -> torch.Tensor:
+        return self._rows()[1]
 
 
 def decide(probs: torch.Tensor, desired: torch.Tensor, tau: float, alpha: float, beta: float,
@@ -132,9 +151,11 @@ def reference_candidates(mode: str, num_classes: int, desired: Sequence[int],
 # The combinations (in denoised space; omega, w are per sample, broadcast over C, H, W)
 # --------------------------------------------------------------------------------------------
 
-def _per_sample(v, like: torch.Tensor) -> torch.Tensor:
+def _per_sample(v, like: torch.Tensor):
+    """A per-sample scale shaped to broadcast over ``like`` ([B] -> [B, 1, ...]); a plain number
+    stays a Python float (no host-to-device copy in the step loop)."""
     if not torch.is_tensor(v):
-        return torch.as_tensor(float(v), dtype=like.dtype, device=like.device)
+        return float(v)
     return v.to(dtype=like.dtype, device=like.device).view(-1, *([1] * (like.ndim - 1)))
 
 

@@ -250,8 +250,7 @@ class GFCGEngine:
         guide = None
         if self.combine == "atg":
             if self.mode == "swap" and decision.any_confused:
-                conf = decision.confused.nonzero().squeeze(1)
-                rest = (~decision.confused).nonzero().squeeze(1)
+                conf, rest = decision.confused_rows, decision.confident_rows
                 gre = [Branch("positive", rows=rest)] if rest.numel() else []
                 gre.append(Branch("reference", rows=conf, classes=decision.reference[conf]))
                 gout = evaluate_guide(gre)
@@ -272,11 +271,11 @@ class GFCGEngine:
         every row is confused: their reference takes the negative's place)."""
         if not (swap and decision.any_confused):
             return [Branch("negative")]
-        rest = (~decision.confused).nonzero().squeeze(1)
+        rest = decision.confident_rows
         return [Branch("negative", rows=rest)] if rest.numel() else []
 
     def _reference_branch(self, decision: core.Decision) -> Branch:
-        rows = decision.confused.nonzero().squeeze(1)
+        rows = decision.confused_rows
         return Branch("reference", rows=rows, classes=decision.reference[rows])
 
     @staticmethod
@@ -287,7 +286,7 @@ class GFCGEngine:
         return d1 if d_neg is None else core.cfg(d1, d_neg, w)
 
     def _combine(self, d1, got, guide, decision: core.Decision, pre_cfg, cfg_fn=None, use_neg=True) -> StepResult:
-        conf = decision.confused
+        conf = decision.confused_rows          # ascending row indices: indexes as the mask would, without a sync
         anyc = decision.any_confused
         w = self.scale
 
@@ -315,7 +314,7 @@ class GFCGEngine:
                 base_uncond = neg
             else:                                # swap: the negative ran on the confident rows only
                 base_uncond = d1.new_empty(d1.shape)
-                base_uncond[~conf] = neg
+                base_uncond[decision.confident_rows] = neg
         else:
             base_uncond = guide                  # already holds G(c_ref) on confused rows in swap mode
 
