@@ -14,12 +14,14 @@ import comfy.latent_formats
 import comfy.model_base
 import comfy.model_management as mm
 import comfy.model_patcher
+import comfy.ops
 import comfy.supported_models_base
 import folder_paths
 
 from ..common.comfy_folders import ensure_folder
 from ..common.folders import bundled_folders
 from .checkpoint import CheckpointError, EDM2Checkpoint, build_network, read_checkpoint
+from .network import MPConv, mp_apply
 from .latents import EDM2_DEFAULT_ENCODER, RAW_MEAN, edm2_to_raw, preview_factors, raw_to_edm2
 
 FOLDER_KEY = "edm2"
@@ -194,11 +196,34 @@ def resolve_dtype(weight_dtype: str, ckpt: EDM2Checkpoint):
     return DTYPES[weight_dtype]
 
 
+class CastMPConv(MPConv, comfy.ops.CastWeightBiasOp):
+    """A folded MPConv with ComfyUI's weight-cast hooks: when a partial (lowvram) load leaves it on
+    the offload device, ComfyUI turns ``comfy_cast_weights`` on and its weight is cast to the
+    input's device and dtype at each forward (``comfy.ops.cast_bias_weight``), as ComfyUI's own
+    layers do; otherwise it is the plain MPConv."""
+
+    def forward(self, x: torch.Tensor, gain=1.0) -> torch.Tensor:
+        if self.folded and (self.comfy_cast_weights or len(self.weight_function) > 0):
+            weight, _ = comfy.ops.cast_bias_weight(self, x)
+            return mp_apply(x, weight)
+        return super().forward(x, gain)
+
+
+def with_cast_hooks(net: torch.nn.Module) -> torch.nn.Module:
+    """``net`` with every MPConv made a :class:`CastMPConv` in place (same weights, no bias)."""
+    for m in net.modules():
+        if type(m) is MPConv:
+            m.__class__ = CastMPConv
+            m.bias = None
+    return net
+
+
 def model_from_checkpoint(ckpt: EDM2Checkpoint, weight_dtype: str = "default"):
-    """A ModelPatcher for a read checkpoint (weights folded and cast on the offload device)."""
+    """A ModelPatcher for a read checkpoint (weights folded and cast on the offload device; layers
+    that ComfyUI can leave offloaded under a partial load, see :class:`CastMPConv`)."""
     dtype = resolve_dtype(weight_dtype, ckpt)
     offload = mm.unet_offload_device()
-    net = build_network(ckpt, dtype, device=offload)
+    net = with_cast_hooks(build_network(ckpt, dtype, device=offload))
     model = EDM2Model(net, ckpt, device=offload)
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=offload)
 

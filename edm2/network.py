@@ -119,7 +119,9 @@ class MPFourier(torch.nn.Module):
         self.phases = torch.nn.Parameter(torch.zeros(channels), requires_grad=False)
 
     def forward(self, s: torch.Tensor) -> torch.Tensor:
-        y = torch.outer(s.to(torch.float32), self.freqs.to(torch.float32)) + self.phases.to(torch.float32)
+        # on s's device: a partial (lowvram) load may leave this small module on the offload device
+        f32 = dict(device=s.device, dtype=torch.float32)
+        y = torch.outer(s.to(torch.float32), self.freqs.to(**f32)) + self.phases.to(**f32)
         return y.cos() * math.sqrt(2)
 
 
@@ -142,10 +144,14 @@ class MPConv(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, gain=1.0) -> torch.Tensor:
         w = self.weight if self.folded else folded_weight(self.weight, gain)
-        w = w.to(x.dtype)
-        if w.ndim == 2:
-            return x @ w.t()
-        return F.conv2d(x, w, padding=w.shape[-1] // 2)
+        return mp_apply(x, w.to(x.dtype))
+
+
+def mp_apply(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """An MPConv's effective weight applied to x: ``x @ w.T`` (linear) or a 'same' conv2d."""
+    if w.ndim == 2:
+        return x @ w.t()
+    return F.conv2d(x, w, padding=w.shape[-1] // 2)
 
 
 class Block(torch.nn.Module):

@@ -183,3 +183,44 @@ def test_reference_prompts_are_encoded_before_sampling_once_per_clip(env, monkey
     # the reference branch really ran with those encodings (tau 1: every sample is confused)
     guider = patched.get_wrappers("outer_sample", "comfyui_gfcg.model_patch")[0].last_guider
     assert guider.reference.encoded_in_loop == 0 and guider.reference._cache
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.7])
+def test_partially_loaded_edm2_network_runs_on_the_load_device(env, fraction):
+    """An EDM2 net that ComfyUI loads partially (lowvram: an XXL on a small card) keeps its offloaded
+    layers on the offload device; they cast their weights on the fly as ComfyUI's own layers do
+    (``CastMPConv``), and the Fourier features follow the input. Before: a device mismatch."""
+    import comfy.model_patcher
+
+    from comfyui_gfcg.edm2.comfy_model import CastMPConv, model_from_checkpoint
+    from comfyui_gfcg.testbed.perf_latent import _network_checkpoint
+
+    model = model_from_checkpoint(_network_checkpoint("tiny", 1), "fp32").model
+    net = model.diffusion_model
+    assert any(isinstance(m, CastMPConv) for m in net.modules())
+    x, t, y = torch.randn(2, 4, 16, 16), torch.tensor([0.5, -0.3]), torch.eye(1000)[:2]
+    with torch.no_grad():
+        want = net(x, t, y=y)
+    p = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("meta"), offload_device=torch.device("cpu"))
+    p.partially_load(torch.device("meta"), extra_memory=p.model_size() * fraction)
+    assert devices(net) == {"meta", "cpu"}, "the simulated partial load must split the network"
+    with torch.no_grad():
+        out = net(x.to("meta"), t.to("meta"), y=y.to("meta"))
+    assert out.device.type == "meta" and out.shape == want.shape
+    assert any(getattr(m, "comfy_cast_weights", False) for m in net.modules())   # ComfyUI turned the casts on
+
+
+def test_edm2_cast_layers_give_the_plain_result(env):
+    """With the casts on (what ComfyUI sets on an offloaded layer), the result is the plain forward's."""
+    from comfyui_gfcg.edm2.comfy_model import CastMPConv, model_from_checkpoint
+    from comfyui_gfcg.testbed.perf_latent import _network_checkpoint
+
+    net = model_from_checkpoint(_network_checkpoint("tiny", 1), "fp32").model.diffusion_model
+    x, t, y = torch.randn(2, 4, 16, 16), torch.tensor([0.5, -0.3]), torch.eye(1000)[:2]
+    with torch.no_grad():
+        want = net(x, t, y=y)
+        for m in net.modules():
+            if isinstance(m, CastMPConv):
+                m.comfy_cast_weights = True
+        got = net(x, t, y=y)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
