@@ -29,6 +29,56 @@ def _decoder_only_copy(vae) -> torch.nn.Module:
                                skip=[enc] if isinstance(enc, torch.nn.Module) else [])
 
 
+def vae_free_memory(vae) -> int:
+    """Free memory on the VAE's device as ComfyUI's own decode sees it: the patcher's view where it
+    has one (0.33+, which counts dynamically loaded weights), else model management's."""
+    import comfy.model_management as mm
+
+    patcher = getattr(vae, "patcher", None)
+    if patcher is not None and hasattr(patcher, "get_free_memory"):
+        return patcher.get_free_memory(vae.device)
+    return mm.get_free_memory(vae.device)
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """CUDA's out-of-memory error, or another backend's 'out of memory' RuntimeError."""
+    oom = getattr(torch.cuda, "OutOfMemoryError", None)
+    return (oom is not None and isinstance(e, oom)) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
+
+
+def decode_batches(vae, z: torch.Tensor, decode) -> torch.Tensor:
+    """``decode(z)`` for the VAE's latent ``z`` the way ``VAE.decode`` batches it: as many images per
+    call as ComfyUI's own estimate (``vae.memory_used_decode``, per image at this size) says fit in
+    the free memory (:func:`vae_free_memory`), at least one; on running out of memory anyway, a
+    tiled decode (``comfy.utils.tiled_scale``, 64-latent-pixel tiles, overlap 16, as ComfyUI's
+    fallback tiles), logged once. Nothing is loaded or freed here: the VAE was loaded with the
+    sampled model, and a load inside the loop could push the sampled model out."""
+    import comfy.model_management as mm
+    import comfy.utils
+
+    n = int(z.shape[0])
+    try:
+        per_image = float(vae.memory_used_decode(z.shape, vae.vae_dtype))
+        step = max(1, int(vae_free_memory(vae) // max(per_image, 1.0)))
+    except Exception:   # noqa: BLE001 -- a VAE without ComfyUI's estimate: one call, as before
+        step = n
+    try:
+        if step >= n:
+            return decode(z)
+        return torch.cat([decode(z[i:i + step]) for i in range(0, n, step)])
+    except Exception as e:   # noqa: BLE001 -- only out-of-memory falls back (mm.OOM_EXCEPTION is Exception on a CPU)
+        ratio = getattr(vae, "upscale_ratio", None)
+        if not is_out_of_memory(e) or not isinstance(ratio, int) or z.ndim != 4:
+            raise
+        if "tiled" not in _told:
+            _told.add("tiled")
+            log.warning("GFCG decode: the VAE decode for the classifier ran out of memory; decoding it in tiles "
+                        "(slower; decode = taesd or a smaller decode_resolution avoids it)")
+        mm.soft_empty_cache()
+        return comfy.utils.tiled_scale(z, decode, tile_x=64, tile_y=64, overlap=16, upscale_amount=ratio,
+                                       out_channels=getattr(vae, "output_channels", 3), output_device=z.device)
+
+
 def taesd_input(model, x0: torch.Tensor):
     """(TAESD decoder name, its input) for a model-space x0. TAESD works in the SD-scaled latent
     space that ComfyUI's standard latent formats use as model space (so x0 as is); formats with
@@ -92,7 +142,8 @@ class PixelDecoder:
     """x0 (model space) -> RGB in [0, 1], [B, 3, H, W], on the device it is computed on.
 
     ``method``: ``vae`` decodes with the VAE's own decoder module (already loaded with the main
-    model), skipping ``VAE.decode``'s round trip to the intermediate device; ``taesd`` with
+    model), batched by ComfyUI's memory estimate with its tiled fallback (:func:`decode_batches`),
+    skipping ``VAE.decode``'s round trip to the intermediate device; ``taesd`` with
     ComfyUI's tiny TAESD decoder from models/vae_approx; ``latent_rgb`` with the latent format's
     linear latent-to-RGB preview factors (no network); ``auto`` must be resolved first
     (``resolve_decode``). ``resolution`` < 1 first shrinks x0 (antialiased bilinear), so the
@@ -193,8 +244,11 @@ class PixelDecoder:
                     self._taesd.to(x0.device)
             img = self._taesd.decode(t_in.float()).float()   # the SD VAE decoder's output range
         else:
-            fsm = self._grad_vae if self._grad_vae is not None else vae.first_stage_model
-            img = fsm.decode(z.to(device=vae.device, dtype=vae.vae_dtype)).float()
+            z = z.to(device=vae.device, dtype=vae.vae_dtype)
+            if self._grad_vae is not None:    # gradients: one call through the grad-capable copy
+                img = self._grad_vae.decode(z).float()
+            else:
+                img = decode_batches(vae, z, lambda a: vae.first_stage_model.decode(a).float())
         return straight_through_clamp(img if zero_one else (img + 1.0) / 2.0)   # EDM2 reads it as [0, 1]
 
 

@@ -224,3 +224,68 @@ def test_edm2_cast_layers_give_the_plain_result(env):
                 m.comfy_cast_weights = True
         got = net(x, t, y=y)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def _forced_free_memory(monkeypatch, free_bytes):
+    """ComfyUI's free-memory estimate forced to ``free_bytes`` (model management's and, on 0.33+,
+    the patcher's own view), as on a small GPU."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    monkeypatch.setattr(mm, "get_free_memory", lambda *a, **k: free_bytes)
+    if hasattr(comfy.model_patcher.ModelPatcher, "get_free_memory"):
+        monkeypatch.setattr(comfy.model_patcher.ModelPatcher, "get_free_memory", lambda self, *a, **k: free_bytes)
+
+
+def test_vae_decode_for_the_classifier_batches_by_comfyuis_estimate(env, monkeypatch):
+    """The decode during sampling is batched by ComfyUI's own memory estimate at the classifier's
+    size (as VAE.decode batches), not one call for the whole batch whatever memory is free."""
+    from comfyui_gfcg.edm2.comfy_model import model_from_checkpoint
+    from comfyui_gfcg.guiders.comfy_decode import PixelDecoder
+    from comfyui_gfcg.testbed.perf_latent import _network_checkpoint
+
+    model = model_from_checkpoint(_network_checkpoint("tiny", 1), "fp32").model    # SD-VAE latents
+    vae = env["cm"].taesd_vae(seed=3)
+    x0 = torch.randn(4, 4, 8, 8) * 0.5
+    calls = []
+    real = vae.first_stage_model.decode
+    monkeypatch.setattr(vae.first_stage_model, "decode", lambda a: calls.append(int(a.shape[0])) or real(a))
+    decoder = PixelDecoder(vae, "vae", 1.0)
+    with torch.inference_mode():
+        whole = decoder(model, x0)
+        assert calls == [4]                           # plenty of memory (the CPU's): one call
+        per_image = vae.memory_used_decode((1, 4, 8, 8), vae.vae_dtype)
+        _forced_free_memory(monkeypatch, int(per_image * 1.5))
+        calls.clear()
+        small = decoder(model, x0)
+    assert calls == [1, 1, 1, 1]                      # room for one image at a time
+    torch.testing.assert_close(small, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_vae_decode_for_the_classifier_falls_back_to_tiles_on_out_of_memory(env):
+    from comfyui_gfcg.guiders import comfy_decode
+
+    vae = env["cm"].taesd_vae(seed=3)
+    z = torch.randn(2, 4, 96, 96)                     # larger than one 64-pixel tile
+
+    def decode(a):
+        if a.shape[-1] > 64:                          # "out of memory" above the tile size
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return vae.first_stage_model.decode(a).float()
+
+    comfy_decode._told.discard("tiled")
+    logs = _Logs()
+    logging.getLogger("comfyui_gfcg").addHandler(logs)
+    try:
+        with torch.inference_mode():
+            img = comfy_decode.decode_batches(vae, z, decode)
+    finally:
+        logging.getLogger("comfyui_gfcg").removeHandler(logs)
+    assert img.shape == (2, 3, 96 * 8, 96 * 8) and bool(torch.isfinite(img).all())
+    assert any("decoding it in tiles" in m for m in logs.messages), logs.messages
+
+    def broken(a):
+        raise RuntimeError("a real bug, not memory")
+
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="a real bug"):
+        comfy_decode.decode_batches(vae, z, broken)   # only out-of-memory falls back
