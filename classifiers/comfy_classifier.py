@@ -14,7 +14,7 @@ from ..common.comfy_folders import ensure_folder
 from ..common.grad_copy import plain_resident_copy
 from ..common.folders import bundled_folders
 from .clip_classifier import CLIP_EXTENSIONS
-from .timm_classifier import WEIGHT_EXTENSIONS, ImageClassifier
+from .timm_classifier import WEIGHT_DTYPES, WEIGHT_EXTENSIONS, ImageClassifier, weight_dtype_of
 
 FOLDER_KEY = "gfcg_classifiers"
 CLIP_FOLDER_KEY = "gfcg_clip"
@@ -30,6 +30,17 @@ def register_folder() -> None:
     ensure_folder(FOLDER_KEY, paths, WEIGHT_EXTENSIONS)
     ensure_folder(CLIP_FOLDER_KEY, [os.path.join(folder_paths.models_dir, CLIP_FOLDER_KEY)], CLIP_EXTENSIONS)
     ensure_folder(CLASS_LIST_FOLDER_KEY, [os.path.join(folder_paths.models_dir, CLASS_LIST_FOLDER_KEY)], (".txt",))
+
+
+WEIGHT_DTYPE_CHOICES = ("auto",) + tuple(WEIGHT_DTYPES)
+
+
+def resolve_weight_dtype(name: str) -> torch.dtype:
+    """The classifier's weight dtype for a ``weight_dtype`` choice. auto: fp16 where ComfyUI would
+    run fp16 on its device (``should_use_fp16``: a GPU that runs it well), else fp32 (the CPU)."""
+    if name in (None, "", "auto"):
+        return torch.float16 if mm.should_use_fp16(mm.get_torch_device()) else torch.float32
+    return weight_dtype_of(name)
 
 
 def patcher_class():

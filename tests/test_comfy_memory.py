@@ -289,3 +289,24 @@ def test_vae_decode_for_the_classifier_falls_back_to_tiles_on_out_of_memory(env)
 
     with torch.inference_mode(), pytest.raises(RuntimeError, match="a real bug"):
         comfy_decode.decode_batches(vae, z, broken)   # only out-of-memory falls back
+
+
+def test_loaders_take_a_weight_dtype(env, clip_file):
+    """weight_dtype on both loaders: the weights in that dtype (auto: ComfyUI's fp16 rule for its
+    device, so fp32 on the CPU); the logits stay fp32."""
+    import comfy.model_management as mm
+
+    auto = torch.float16 if mm.should_use_fp16(mm.get_torch_device()) else torch.float32
+    images = torch.rand(2, 3, 32, 32)
+    for name, want in (("auto", auto), ("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        timm_clf = node(env, "GFCGLoadImageClassifier", classifier_name="tiny_resnet.safetensors", architecture="",
+                        weight_dtype=name).classifier
+        with torch.inference_mode():
+            zs = node(env, "GFCGLoadZeroShotClassifier", clip_name=clip_file["name"], architecture=clip_file["arch"],
+                      class_source="list", class_list=CLASSES, templates="a photo of a {}.",
+                      weight_dtype=name).classifier
+        for clf in (timm_clf, zs):
+            assert {p.dtype for p in clf.net.parameters()} == {want}, (name, clf.name)
+            assert clf(images).dtype == torch.float32
+    schema = env["reg"]["GFCGLoadImageClassifier"].GET_SCHEMA()
+    assert [i.id for i in schema.inputs][-1] == "weight_dtype"    # last: saved workflows keep their widget order
