@@ -154,19 +154,28 @@ class ImageClassifier(torch.nn.Module):
         return next(self.net.parameters()).dtype
 
     def resize_size(self, h: int, w: int) -> Tuple[int, int]:
-        """The size (sh, sw) the eval transform resizes an h x w image to before its centre crop:
-        squash: (floor(th / crop_pct), floor(tw / crop_pct)); else the short side to
-        floor(min(th, tw) / crop_pct), aspect kept, never below the crop."""
+        """The size (sh, sw) timm's eval transform resizes an h x w image to before its centre crop,
+        with (Sh, Sw) = (floor(th / crop_pct), floor(tw / crop_pct)): squash: (Sh, Sw); a square
+        scale size: torchvision's Resize(Sh), the short side to Sh and the long side to
+        int(Sh * long / short); else timm's ResizeKeepRatio, (round(h / r), round(w / r)) with
+        r = min(h / Sh, w / Sw)."""
         dc = self.data_config
         th, tw = int(dc.input_size[1]), int(dc.input_size[2])
+        s_h, s_w = int(math.floor(th / dc.crop_pct)), int(math.floor(tw / dc.crop_pct))
         if dc.crop_mode == "squash":
-            return int(math.floor(th / dc.crop_pct)), int(math.floor(tw / dc.crop_pct))
-        scale = math.floor(min(th, tw) / dc.crop_pct) / min(h, w)
-        return max(th, round(h * scale)), max(tw, round(w * scale))
+            return s_h, s_w
+        if s_h == s_w:
+            short, long = min(h, w), max(h, w)
+            new_long = int(s_h * long / short)
+            return (new_long, s_h) if w <= h else (s_h, new_long)
+        ratio = min(h / s_h, w / s_w)
+        return round(h / ratio), round(w / ratio)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """timm's eval transform on a batch: short side -> floor(size / crop_pct), centre crop to
-        ``input_size``, normalise with mean/std. ``images``: [B, 3, H, W] in [0, 1]."""
+        ``input_size`` at torchvision CenterCrop's offset ``int(round((s - t) / 2))`` (Python's round,
+        half to even: a margin of 11 starts the crop at 6, one of 13 at 6), normalise with mean/std.
+        ``images``: [B, 3, H, W] in [0, 1]."""
         dc = self.data_config
         th, tw = int(dc.input_size[1]), int(dc.input_size[2])
         x = images.float()
@@ -177,7 +186,7 @@ class ImageClassifier(torch.nn.Module):
             x = F.interpolate(x, size=(sh, sw), mode=mode, antialias=mode != "nearest",
                               align_corners=False if mode != "nearest" else None)
             x = straight_through_clamp(x)   # bicubic overshoot
-        top, left = (sh - th) // 2, (sw - tw) // 2
+        top, left = int(round((sh - th) / 2.0)), int(round((sw - tw) / 2.0))
         x = x[..., top:top + th, left:left + tw]
         return (x - self.mean.to(x.device)) / self.std.to(x.device)
 

@@ -2,6 +2,7 @@
 models, VAEs and conditioning lists). Each error names the input and what is allowed."""
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import torch
@@ -9,6 +10,8 @@ import torch
 from ..common.errors import GFCGInputError
 from .pixels import is_pixel_vae
 from .references import LabelReference, TextReference, has_class_labels
+
+log = logging.getLogger("comfyui_gfcg")
 
 
 def check_vae(model, vae) -> None:
@@ -112,16 +115,28 @@ def check_label_use(model, guide, reference, combine: str, mode: str) -> None:
                              "class-conditional guide")
 
 
+# whether the log has said that a CLIP on a class-label model is ignored (once per process)
+_clip_ignored_said = False
+
+
 def make_reference(positive, class_names, clip=None, prompt_template: str = "a photo of a {}"):
-    """Reference conditioning source: text through ``clip`` when given, else the class label
-    carried by ``positive`` (class-label models)."""
-    if clip is not None:
-        return TextReference(clip, prompt_template, class_names, positive=positive)
+    """Reference conditioning source: the class label carried by ``positive`` (class-label models:
+    EDM2, the testbed), else text through ``clip``. On a class-label model a connected CLIP is
+    ignored (the label is what the network reads; a text reference would leave the label, and so the
+    model's prediction, unchanged) and the log says so once."""
+    global _clip_ignored_said
     if has_class_labels(positive):
         ref = LabelReference(positive)
         if ref.num_labels != len(class_names):
             raise GFCGInputError(f"classifier: it has {len(class_names)} classes but the model's class labels have "
                                  f"{ref.num_labels}; the classifier must classify the model's own classes")
+        if clip is not None and not _clip_ignored_said:
+            _clip_ignored_said = True
+            log.warning("clip: the positive conditioning carries a class label (a class-label model such as EDM2), "
+                        "so the reference is that label set to the reference class; the connected CLIP and "
+                        "prompt_template are ignored (disconnect the CLIP to silence this; said once)")
         return ref
+    if clip is not None:
+        return TextReference(clip, prompt_template, class_names, positive=positive)
     raise GFCGInputError("clip: the positive conditioning carries no class label, so the reference conditioning "
                          "must be built from text; connect the model's CLIP")

@@ -102,7 +102,15 @@ class GFCGGuider(comfy.samplers.CFGGuider):
         self.set_conds(positive, negative if combine == "cfg" else None)
 
     def combined(self, combine: str, mode: str, scale: float, negative=None, guide_patcher=None) -> "GFCGGuider":
-        """A new guider with the same GFCG settings stacked on CFG or autoguidance (inputs stay untouched)."""
+        """A new guider with the same GFCG settings stacked on CFG or autoguidance (inputs stay untouched).
+        Only a GFCG Guider's own output stacks: the engine combines GFCG with one of none | cfg | atg, so a
+        guider that already comes from a Combiner is refused (rebuilding from the recipe would drop its
+        first stacking, e.g. the CFG scale and negative, without a word)."""
+        if self.engine.combine != "none":
+            first = {"cfg": "cfg", "atg": "autoguidance"}.get(self.engine.combine, self.engine.combine)
+            raise GFCGInputError(f"gfcg: this guider already comes from a GFCG Combiner ({first}); connect the GFCG "
+                                 "Guider itself. One Combiner stacks GFCG on CFG or on autoguidance, not on both "
+                                 "(chained Combiners are not supported)")
         return GFCGGuider(**self.recipe, combine=combine, mode=mode, scale=scale, negative=negative,
                           guide_patcher=guide_patcher)
 

@@ -8,9 +8,16 @@ ComfyUI skips it, which is GFCG alone). Any other guider that samples the model 
 gradient guider, Guider_Basic, DualCFG, another pack's) is left alone. The reference branch is therefore
 evaluated inside the patch by the very code the GUIDER node runs, so both give the same result
 for the same settings (a test checks it bit for bit).
+
+An inpainting mask (``denoise_mask``) is prepared once, by the sampler's own guider: ComfyUI prepares it
+before the OUTER_SAMPLE wrappers (``CFGGuider.sample``, v0.33) or inside ``outer_sample`` (v0.3.64),
+so the wrapper hands the GFCG guider's ``outer_sample`` the mask exactly as it got it and runs
+``GFCGGuider.sample`` without one (preparing a prepared [B, C, h, w] mask again gives every image the
+first image's mask).
 """
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import comfy.patcher_extension
@@ -76,8 +83,31 @@ class GFCGSampleWrapper:
                                  "video with audio); the classifier can judge one image latent only")
         g = self.guider_for(outer)
         self.last_guider = g
-        return g.sample(a["noise"], a["latent_image"], a["sampler"], a["sigmas"], a["denoise_mask"], a["callback"],
+        # the mask is already what outer_sample takes (see the module docstring): past g.sample, into g's outer_sample
+        mask = a["denoise_mask"]
+        if mask is not None:
+            g.model_patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY,
+                                                 GivenMask(mask))
+        return g.sample(a["noise"], a["latent_image"], a["sampler"], a["sigmas"], None, a["callback"],
                         a["disable_pbar"], a["seed"])
+
+
+class GivenMask:
+    """A one-run OUTER_SAMPLE wrapper on the GFCG guider's own model clone: hands its ``outer_sample``
+    the denoise mask the sampler's guider handed to the patch (``None`` reached it through
+    ``GFCGGuider.sample``, which would otherwise prepare that mask a second time)."""
+
+    def __init__(self, mask):
+        self.mask = mask
+
+    def __call__(self, executor, *args, **kwargs):
+        names = list(inspect.signature(comfy.samplers.CFGGuider.outer_sample).parameters)[1:]   # less self
+        i = names.index("denoise_mask")
+        if len(args) > i:
+            args = args[:i] + (self.mask,) + args[i + 1:]
+        else:
+            kwargs = {**kwargs, "denoise_mask": self.mask}
+        return executor(*args, **kwargs)
 
 
 def patch_model(model_patcher, wrapper: GFCGSampleWrapper):
