@@ -59,6 +59,23 @@ def check_finite_latent(latent_image: torch.Tensor) -> None:
                          "(e.g. a Load Latent file)")
 
 
+def check_image_latent(latent: torch.Tensor, fmt=None) -> None:
+    """Before sampling: GFCG judges images, so the latent must be an image latent [B, C, H, W] or a
+    single-frame latent of a video-shaped family [B, C, 1, H, W] (ComfyUI's Wan21 format: Qwen-Image,
+    Wan for images, Cosmos-Predict2, Anima); several frames (video) or other shapes are refused."""
+    if latent is None or latent.ndim == 4:
+        return
+    name = type(fmt).__name__ if fmt is not None else "this model's"
+    if latent.ndim == 5:
+        if int(latent.shape[2]) == 1:
+            return
+        raise GFCGInputError(f"latent: a video latent of {int(latent.shape[2])} frames ({name} latents "
+                             f"{list(latent.shape)}); the classifier judges single images, so GFCG needs one frame "
+                             "(set the empty latent's length / frames to 1) or another guider for video")
+    raise GFCGInputError(f"latent: {latent.ndim}-D latents ({name}, {list(latent.shape)}) are not images; GFCG needs "
+                         "image latents [batch, channels, height, width] or one video frame")
+
+
 def per_row_classes(positive, batch: int) -> Optional[torch.Tensor]:
     """Each image's desired class from class-label conditioning (e.g. EDM2 Class Label ``3;5``):
     the one-hot ``class_labels`` rows [k, L] cycled over the batch, as ComfyUI repeats a cond to the

@@ -67,16 +67,32 @@ def decode_batches(vae, z: torch.Tensor, decode) -> torch.Tensor:
             return decode(z)
         return torch.cat([decode(z[i:i + step]) for i in range(0, n, step)])
     except Exception as e:   # noqa: BLE001 -- only out-of-memory falls back (mm.OOM_EXCEPTION is Exception on a CPU)
-        ratio = getattr(vae, "upscale_ratio", None)
-        if not is_out_of_memory(e) or not isinstance(ratio, int) or z.ndim != 4:
+        ratio = spatial_ratio(getattr(vae, "upscale_ratio", None))
+        frame = z.ndim == 5 and z.shape[2] == 1       # one frame of a video-shaped latent: tile the frame
+        if not is_out_of_memory(e) or ratio is None or not (z.ndim == 4 or frame):
             raise
         if "tiled" not in _told:
             _told.add("tiled")
             log.warning("GFCG decode: the VAE decode for the classifier ran out of memory; decoding it in tiles "
                         "(slower; decode = taesd or a smaller decode_resolution avoids it)")
         mm.soft_empty_cache()
+        if frame:
+            out = comfy.utils.tiled_scale(z[:, :, 0], lambda a: decode(a.unsqueeze(2))[:, :, 0], tile_x=64, tile_y=64,
+                                          overlap=16, upscale_amount=ratio,
+                                          out_channels=getattr(vae, "output_channels", 3), output_device=z.device)
+            return out.unsqueeze(2)
         return comfy.utils.tiled_scale(z, decode, tile_x=64, tile_y=64, overlap=16, upscale_amount=ratio,
                                        out_channels=getattr(vae, "output_channels", 3), output_device=z.device)
+
+
+def spatial_ratio(ratio):
+    """Pixels per latent pixel in height and width from a VAE's ``upscale_ratio``: an int, or ComfyUI's
+    (time rule, height, width) tuple of video VAEs when height and width agree; else None."""
+    if isinstance(ratio, int):
+        return ratio
+    if isinstance(ratio, tuple) and len(ratio) == 3 and isinstance(ratio[1], int) and ratio[1] == ratio[2]:
+        return ratio[1]
+    return None
 
 
 def taesd_input(model, x0: torch.Tensor):
@@ -100,16 +116,29 @@ def taesd_files(name: str) -> list:
     return [f for f in folder_paths.get_filename_list("vae_approx") if f.startswith(name)]
 
 
+def is_video_format(fmt) -> bool:
+    """A latent format of ComfyUI's video-shaped families ([B, C, T, H, W]: Wan21 for Qwen-Image, Wan,
+    Cosmos-Predict2, Anima; HunyuanVideo, ...), whose preview decoder is a video TAE (e.g.
+    lighttaew2_1, a TAEHV) that ComfyUI's TAESD class cannot load."""
+    return int(getattr(fmt, "latent_dimensions", 2)) == 3
+
+
 def resolve_decode(model, vae, method: str) -> str:
     """decode = auto: ComfyUI's TAESD where models/vae_approx holds the one for the model's latent
-    format, the full VAE otherwise (logged once per format); other methods as they are."""
+    format, the full VAE otherwise (logged once per format) and for video-shaped formats (their
+    preview file is a video TAE); other methods as they are, taesd refused on video-shaped formats."""
+    fmt = getattr(model, "latent_format", None)
+    if method == "taesd" and is_video_format(fmt):
+        raise GFCGInputError(f"decode: taesd cannot decode {type(fmt).__name__} latents (ComfyUI previews them with "
+                             f"a video TAE{', ' + fmt.taesd_decoder_name if getattr(fmt, 'taesd_decoder_name', None) else ''}"
+                             "); use decode = vae (or auto, which picks it) or latent_rgb")
     if method != "auto":
         return method
     if vae is None or is_pixel_vae(vae):
         return "vae"     # pixel space: nothing is decoded
     fmt = getattr(model, "latent_format", None)
     name = getattr(fmt, "taesd_decoder_name", None) or (getattr(fmt, "gfcg_taesd", None) or (None,))[0]
-    choice = "taesd" if name and taesd_files(name) else "vae"
+    choice = "taesd" if name and taesd_files(name) and not is_video_format(fmt) else "vae"
     key = (type(fmt).__name__, choice)
     if key not in _told:
         _told.add(key)
@@ -217,10 +246,19 @@ class PixelDecoder:
         size = self.target_size(h, w)
         if size == (h, w):
             return x0
+        if x0.ndim == 5:      # one frame of a video-shaped latent [B, C, 1, H, W]
+            return self._shrink(x0[:, :, 0]).unsqueeze(2)
         return torch.nn.functional.interpolate(x0, size=size, mode="bilinear", antialias=True, align_corners=False)
 
     def __call__(self, model, x0: torch.Tensor) -> torch.Tensor:
-        x0 = self._shrink(x0)
+        """RGB [B, 3, H, W] in [0, 1] of model-space ``x0``: an image latent [B, C, h, w], or one frame
+        [B, C, 1, h, w] of a video-shaped family (decoded as such, its one frame kept)."""
+        if x0.ndim == 5 and x0.shape[2] != 1:
+            raise GFCGInputError(f"latent: {int(x0.shape[2])} frames; the classifier judges single images")
+        img = self._decode(model, self._shrink(x0))
+        return img[:, :, 0] if img.ndim == 5 else img
+
+    def _decode(self, model, x0: torch.Tensor) -> torch.Tensor:
         z = model.process_latent_out(x0)
         if self.is_pixel_space(z):
             if z.shape[1] != 3:
@@ -233,7 +271,8 @@ class PixelDecoder:
                              f"{z.shape[1]}-channel ones; connect the VAE that belongs to the model")
         zero_one = getattr(getattr(model, "latent_format", None), "vae_output_range", "-1..1") == "0..1"
         if self.method == "latent_rgb":
-            return straight_through_clamp((latent_rgb(model.latent_format, x0.float(), *self._rgb_factors(
+            flat = x0[:, :, 0] if x0.ndim == 5 else x0
+            return straight_through_clamp((latent_rgb(model.latent_format, flat.float(), *self._rgb_factors(
                 model.latent_format, x0.device)) + 1.0) / 2.0)   # the previewer's [-1, 1] -> [0, 1]
         if self.method == "taesd":
             name, t_in = taesd_input(model, x0)

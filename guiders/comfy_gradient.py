@@ -18,7 +18,7 @@ import comfy.samplers
 
 from ..common.errors import GFCGInputError
 from .callconv import named_arguments
-from .checks import check_finite_latent, check_vae, per_row_classes
+from .checks import check_finite_latent, check_image_latent, check_vae, per_row_classes
 from .comfy_decode import PixelDecoder, additional_models, resolve_decode
 from .comfy_hooks import post_cfg_hooks, pre_cfg_hooks, report_trace
 from .gradient import CGConfig, CGEngine, softplus_copy
@@ -57,6 +57,7 @@ class ClassifierGuidanceGuider(comfy.samplers.CFGGuider):
         a = named_arguments(comfy.samplers.CFGGuider.inner_sample, args, kwargs)
         sigmas = a["sigmas"]
         check_finite_latent(a["latent_image"])
+        check_image_latent(a["latent_image"], getattr(self.inner_model, "latent_format", None))
         rows = per_row_classes(self._positive, int(a["noise"].shape[0]))
         num = self.classifier.classifier.num_classes
         if rows is not None and int(rows.max()) >= num:

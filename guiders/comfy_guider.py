@@ -24,8 +24,8 @@ import comfy.samplers
 from ..classifiers.comfy_classifier import classify
 from ..common.errors import GFCGInputError
 from .callconv import call_with_supported, extra_arguments, named_arguments
-from .checks import (check_finite_latent, check_guide_model, check_label_use, check_vae, make_reference,
-                     per_row_classes)
+from .checks import (check_finite_latent, check_guide_model, check_image_latent, check_label_use, check_vae,
+                     make_reference, per_row_classes)
 from .comfy_decode import PixelDecoder, additional_models, resolve_decode
 from .comfy_forward import batched_forward, guide_options, single_device
 from .comfy_hooks import comfy_cfg_function, post_cfg_hooks, pre_cfg_hooks, report_trace
@@ -148,6 +148,7 @@ class GFCGGuider(comfy.samplers.CFGGuider):
         a = named_arguments(comfy.samplers.CFGGuider.inner_sample, args, kwargs)
         noise, latent_image, sigmas = a["noise"], a["latent_image"], a["sigmas"]
         check_finite_latent(latent_image)
+        check_image_latent(latent_image, getattr(self.inner_model, "latent_format", None))
         latent = latent_image
         if latent is not None and torch.count_nonzero(latent) > 0:
             latent = self.inner_model.process_latent_in(latent)
