@@ -233,24 +233,9 @@ class ZeroShotClassifier(ImageClassifier):
     """An :class:`ImageClassifier` whose preprocessing is open_clip's eval transform on tensors, to the
     pixel: ``squash`` resizes to the input size; ``shortest`` is torchvision's ``Resize(size)``
     (long side ``int(size * long / short)``) and ``CenterCrop`` (offsets ``round((h - size) / 2)``),
-    or open_clip's ``ResizeKeepRatio`` (bicubic, rounded) for a non-square input size. Bicubic
-    overshoot is clamped to [0, 1] as on open_clip's PIL path (straight-through for gradients)."""
-
-    def resize_size(self, h: int, w: int):
-        """The size open_clip's eval transform resizes an h x w image to before its centre crop:
-        squash: the input size; square input: torchvision's Resize(size), long side
-        int(size * long / short); else ResizeKeepRatio, (round(h / r), round(w / r)) with
-        r = min(h / th, w / tw)."""
-        dc = self.data_config
-        th, tw = int(dc.input_size[1]), int(dc.input_size[2])
-        if dc.crop_mode == "squash":
-            return th, tw
-        if th == tw:
-            short, long = min(h, w), max(h, w)
-            new_long = int(th * long / short)
-            return (new_long, th) if w <= h else (th, new_long)
-        ratio = min(h / th, w / tw)
-        return round(h / ratio), round(w / ratio)
+    or open_clip's ``ResizeKeepRatio`` (bicubic, rounded) for a non-square input size: the sizes are
+    timm's rule at crop_pct 1 (``ImageClassifier.resize_size``). Bicubic overshoot is clamped to
+    [0, 1] as on open_clip's PIL path (straight-through for gradients)."""
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         dc = self.data_config

@@ -31,6 +31,7 @@ import torch
 
 from conftest import node
 from test_comfy_reference_conds import SMALL_CLIP, _tiny_clip
+from test_comfy_dit import _randomise
 
 pytestmark = pytest.mark.comfy
 
@@ -77,19 +78,6 @@ def wan21_vae():
     assert type(vae.first_stage_model).__module__ == "comfy.ldm.wan.vae", type(vae.first_stage_model)
     assert vae.latent_channels == 16 and vae.latent_dim == 3
     return vae
-
-
-def _randomise(module: torch.nn.Module, seed: int, std: float = 0.05) -> None:
-    """Every weight N(0, std^2), 1-D weights (norm scales) 1, biases 0."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim == 1 and (name.endswith("weight") or name.endswith("scale")):
-                p.fill_(1.0)
-            elif name.endswith("bias"):
-                p.zero_()
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
 def qwen_image_model(seed: int = 0):

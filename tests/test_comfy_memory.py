@@ -115,20 +115,12 @@ def test_dropped_zero_shot_output_leaves_no_dead_model(env, clip_file):
 
 
 def _tiny_sd_clip():
-    import comfy.sd
+    """A real ComfyUI CLIP (SD1 tokenizer and text model) with tiny random weights."""
     import comfy.sd1_clip
-    import comfy.supported_models_base
 
-    clip = comfy.sd.CLIP(target=comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer,
-                                                                       comfy.sd1_clip.SD1ClipModel),
-                         model_options={"clip_l_model_config": {"hidden_size": 16, "intermediate_size": 32,
-                                                                "num_attention_heads": 2, "num_hidden_layers": 3,
-                                                                "projection_dim": 16}})
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in clip.cond_stage_model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return clip
+    from test_comfy_reference_conds import SMALL_CLIP, _tiny_clip
+
+    return _tiny_clip(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel, {"clip_l_model_config": SMALL_CLIP})
 
 
 def test_reference_prompts_are_encoded_before_sampling_once_per_clip(env, monkeypatch):
