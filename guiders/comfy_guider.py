@@ -180,7 +180,8 @@ class GFCGGuider(comfy.samplers.CFGGuider):
             # one entry per reference class; one host read (the classes and their counts)
             order = torch.argsort(br.classes, stable=True)
             classes, counts = torch.unique_consecutive(br.classes[order], return_counts=True)
-            for k, sel in zip(classes.tolist(), order.split(counts.tolist())):
+            ks, ns = torch.stack((classes, counts.to(classes.dtype))).tolist()   # the one host read
+            for k, sel in zip(ks, order.split(ns)):
                 entries.append((self._reference_cond(which, k), br.rows[sel], 0))
                 slots.append((bi, sel))
         outs = batched_forward(model, entries, x, t, model_options)
