@@ -87,7 +87,28 @@ def perf(args) -> int:
     return 0
 
 
+def frontier(args) -> int:
+    from .testbed import frontier as F
+
+    if not args.report:
+        k, n = (int(v) for v in args.shard.split("/"))
+        if not 0 <= k < n:
+            print(f"--shard: {args.shard!r} is not allowed; K/N with 0 <= K < N, e.g. 0/2", file=sys.stderr)
+            return 2
+        if args.threads:
+            import torch
+            torch.set_num_threads(args.threads)
+        F.run((k, n), progress=lambda line: print(line, file=sys.stderr, flush=True))
+    res = F.write(args.out)
+    print(F.markdown(res))
+    print(f"wrote frontier.json, frontier.md and frontier.png to {args.out} ({len(res['rows'])} of "
+          f"{res['points_total']} points)")
+    return 0
+
+
 def bench(args) -> int:
+    if args.frontier:
+        return frontier(args)
     if args.perf:
         return perf(args)
     if args.configs:
@@ -199,6 +220,15 @@ def main(argv=None) -> int:
     b.add_argument("--methods", nargs="*", default=["none", "cfg", "atg", "gfcg", "gfcg+cfg", "gfcg+atg"])
     b.add_argument("--configs", action="store_true", help="instead: GFCG + ATG as shipped before, in swap mode and "
                    "as shipped now, against ATG, with paired bounds (testbed/results/configs.md)")
+    b.add_argument("--frontier", action="store_true", help="instead: every method along its own knob (CFG / "
+                   "ATG w, GFCG alpha and swap rules, gradient guidance s), 1000 samples a point on the same "
+                   "noises, resumable (one file a point in testbed/results/frontier_rows); writes frontier.json, "
+                   ".md, .png")
+    b.add_argument("--shard", default="0/1", help="--frontier: run points i with i mod N = K (K/N), e.g. 0/2 and "
+                   "1/2 in two processes")
+    b.add_argument("--threads", type=int, default=1, help="--frontier: CPU threads per process (wall times are "
+                   "per image at this count)")
+    b.add_argument("--report", action="store_true", help="--frontier: only write the report from the stored points")
     b.add_argument("--perf", action="store_true", help="the cost benchmark instead: NFE, forwards per evaluation, "
                    "wall time against CFG and ATG, peak memory, classifier-step cost per decode choice; writes "
                    "perf.json and perf.md")

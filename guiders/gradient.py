@@ -209,8 +209,9 @@ class CGTraceEntry:
 class CGEngine:
     """One sampler evaluation -> the guided denoised estimate, D~ = D_base + Delta.
 
-    D_base is D1 (alone) or CFG's D_neg + w (D1 - D_neg) (``scale`` w; 1 skips the negative branch),
-    both branches in one forward. The classifier sees D_base (``classifier_input = "denoised"``;
+    D_base is D1 (alone), CFG's D_neg + w (D1 - D_neg) (``scale`` w; 1 skips the negative branch),
+    both branches in one forward, or autoguidance's G + w (D1 - G) when ``evaluate_guide`` is given
+    (the guide model G on the same conditioning, in place of the negative branch). The classifier sees D_base (``classifier_input = "denoised"``;
     with CFG that is the estimate the sampler follows) or the RMS-limited noisy x.
     ``logits_fn`` maps a model-space x0 to logits and must be differentiable (decoder included).
     """
@@ -245,14 +246,15 @@ class CGEngine:
 
     def denoise(self, x: torch.Tensor, sigma: float, evaluate_main: Evaluate,
                 logits_fn: Callable[[torch.Tensor], torch.Tensor],
-                pre_cfg: Optional[Callable] = None) -> StepResult:
+                pre_cfg: Optional[Callable] = None, evaluate_guide: Optional[Evaluate] = None) -> StepResult:
         if self._sigmas is None:
             raise RuntimeError("call begin(sigmas) before denoise")
         c = self.config
         use_neg = self.scale != 1.0
-        outs = evaluate_main([Branch("positive")] + ([Branch("negative")] if use_neg else []))
+        from_main = use_neg and evaluate_guide is None
+        outs = evaluate_main([Branch("positive")] + ([Branch("negative")] if from_main else []))
         d1 = outs[0]
-        neg = outs[1] if use_neg else d1
+        neg = (outs[1] if from_main else evaluate_guide([Branch("positive")])[0]) if use_neg else d1
         if pre_cfg is not None:
             d1, neg = pre_cfg(d1, neg)
         base = cfg_combine(d1, neg, self.scale) if use_neg else d1

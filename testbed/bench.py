@@ -24,7 +24,8 @@ from .sampler import CG_METHODS, METHODS, sample
 
 BATCH = 250   # rows per sampling call (chunk i of a run gets noise seed `seed + i`)
 METHOD_LABELS = {"none": "none", "cfg": "CFG", "atg": "ATG", "gfcg": "GFCG", "gfcg+cfg": "GFCG+CFG",
-                 "gfcg+atg": "GFCG+ATG", "cg": "CG (EluCD)", "cg+cfg": "CG+CFG"}
+                 "gfcg+atg": "GFCG+ATG", "cg": "CG (EluCD)", "cg+cfg": "CG+CFG",
+                 "cg+atg": "CG+ATG"}
 
 
 @dataclass
@@ -37,7 +38,7 @@ class Settings:
     mode: str = "auto"               # the Combiner's default: swap on autoguidance, additive on CFG
     dtype: str = "bfloat16"         # diffusion trunks (EDM2 runs fp16/bf16 trunks by design); classifiers fp32
     gfcg: GFCGConfig = field(default_factory=lambda: GFCGConfig(desired_class=0))
-    cg: CGConfig = field(default_factory=CGConfig)   # the gradient methods (cg, cg+cfg)
+    cg: CGConfig = field(default_factory=CGConfig)   # the gradient methods (cg, cg+cfg, cg+atg)
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -35,8 +35,8 @@ def percent_to_sigma(percent: float) -> float:
 # method -> (combine, uses GFCG)
 METHODS = {"none": ("none", False), "cfg": ("cfg", False), "atg": ("atg", False),
            "gfcg": ("none", True), "gfcg+cfg": ("cfg", True), "gfcg+atg": ("atg", True)}
-# off-the-shelf gradient classifier guidance (EluCD), alone or on CFG
-CG_METHODS = {"cg": "none", "cg+cfg": "cfg"}
+# off-the-shelf gradient classifier guidance (EluCD), alone or on CFG or autoguidance
+CG_METHODS = {"cg": "none", "cg+cfg": "cfg", "cg+atg": "atg"}
 
 
 def straight_through_unit(x0: torch.Tensor) -> torch.Tensor:
@@ -88,7 +88,7 @@ def sample(main, classifier: Callable[[torch.Tensor], torch.Tensor], method: str
     ``desired``: one class for all rows, or a sequence / tensor of ``n`` classes (one per row).
     ``classifier`` maps images in [0, 1] to logits; the engine sees x0 through it. Noise: one
     ``torch.randn`` of [n, *shape] (default: the main model's C, H, W) from ``torch.Generator().manual_seed(seed)``, times sigma_0.
-    Methods ``cg`` / ``cg+cfg``: off-the-shelf gradient guidance with ``cg`` (a ``CGConfig``); then
+    Methods ``cg`` / ``cg+cfg`` / ``cg+atg``: off-the-shelf gradient guidance with ``cg`` (a ``CGConfig``); then
     ``classifier`` must be differentiable (e.g. the Softplus copy of the guidance classifier).
     """
     if shape is None:   # the main model's own image size (through a counting wrapper: its ``fn``)
@@ -101,8 +101,12 @@ def sample(main, classifier: Callable[[torch.Tensor], torch.Tensor], method: str
     if method not in METHODS and method not in CG_METHODS:
         raise ValueError(f"method must be one of {list(METHODS) + list(CG_METHODS)}, got {method!r}")
     if method in CG_METHODS:
-        return _sample_cg(main, classifier, method, rows, n, seed, steps, cfg_scale, cg or CGConfig(), num_classes,
-                          shape, progress, sigmas)
+        base = CG_METHODS[method]
+        if base == "atg" and guide is None:
+            raise ValueError("method uses autoguidance but no guide model was given")
+        return _sample_cg(main, classifier, method, rows, n, seed, steps,
+                          {"cfg": cfg_scale, "atg": atg_scale}.get(base, 1.0), cg or CGConfig(), num_classes,
+                          shape, progress, sigmas, guide if base == "atg" else None)
     combine, use_gfcg = METHODS[method]
     if combine == "atg" and guide is None:
         raise ValueError("method uses autoguidance but no guide model was given")
@@ -156,10 +160,11 @@ def heun(x: torch.Tensor, sigmas: torch.Tensor, denoise, progress=None) -> torch
     return x
 
 
-def _sample_cg(main, classifier, method, rows, n, seed, steps, cfg_scale, cg: CGConfig, num_classes, shape,
-               progress, sigmas) -> SampleResult:
-    """``sample`` for the gradient methods: the CG engine on the same noise, sampler and models."""
-    engine = CGEngine(cg, scale=cfg_scale if CG_METHODS[method] == "cfg" else 1.0, desired_rows=rows)
+def _sample_cg(main, classifier, method, rows, n, seed, steps, scale, cg: CGConfig, num_classes, shape,
+               progress, sigmas, guide=None) -> SampleResult:
+    """``sample`` for the gradient methods: the CG engine on the same noise, sampler and models
+    (``scale``: CFG's or autoguidance's w; ``guide``: the autoguidance model, or None)."""
+    engine = CGEngine(cg, scale=scale, desired_rows=rows)
     sigmas = edm_sigmas(steps) if sigmas is None else torch.as_tensor(sigmas, dtype=torch.float32)
     engine.begin(sigmas)
     g = torch.Generator().manual_seed(int(seed))
@@ -175,7 +180,13 @@ def _sample_cg(main, classifier, method, rows, n, seed, steps, cfg_scale, cg: CG
             evals += xc.shape[0] * len(branches)
             return branch_forward(main, xc, s, branches, rows, num_classes)
 
-        return engine.denoise(xc, s, main_eval, logits).denoised
+        def guide_eval(branches):
+            nonlocal evals
+            evals += xc.shape[0] * len(branches)
+            return branch_forward(guide, xc, s, branches, rows, num_classes)
+
+        return engine.denoise(xc, s, main_eval, logits,
+                              evaluate_guide=guide_eval if guide is not None else None).denoised
 
     x = heun(x, sigmas, denoise, progress)
     return SampleResult(x, evals / n, engine.trace)

@@ -200,3 +200,39 @@ def test_engine_terms_and_cfg_stacking():
     torch.testing.assert_close(res3.denoised, 0.5 * x + 1.0 / 0.7 * w1 * rms_normalise(g3, x))
     with pytest.raises(RuntimeError, match="begin"):
         CGEngine(CGConfig()).denoise(x, 1.0, lambda b: _fake_main(x, b), net)
+
+
+def test_engine_on_autoguidance():
+    """With ``evaluate_guide`` the base is autoguidance's G + w (D1 - G): the main model gives only
+    its positive branch, the guide model its positive branch, and the classifier sees that base."""
+    net = tiny_classifier().float()
+    sig = torch.tensor([3.0, 1.0, 0.3, 0.0])
+    x = torch.randn(2, 3, 6, 6)
+    main_calls, guide_calls = [], []
+
+    def main(branches):
+        main_calls.append([b.cond for b in branches])
+        return _fake_main(x, branches)
+
+    def guide(branches):
+        guide_calls.append([b.cond for b in branches])
+        return [0.4 * x for _ in branches]
+
+    eng = CGEngine(CGConfig(desired_class=1, scale=0.0), scale=2.5)
+    eng.begin(sig)
+    res = eng.denoise(x, 1.0, main, net, evaluate_guide=guide)
+    assert main_calls == [["positive"]] and guide_calls == [["positive"]]
+    torch.testing.assert_close(res.denoised, 0.4 * x + 2.5 * (0.5 * x - 0.4 * x))
+
+    eng2 = CGEngine(CGConfig(desired_class=1, scale=0.1, gamma=0.0), scale=2.5)
+    eng2.begin(sig)
+    res2 = eng2.denoise(x, 3.0, main, net, evaluate_guide=guide)
+    base = 0.4 * x + 2.5 * (0.5 * x - 0.4 * x)
+    g, _ = guidance_gradient(net, base, torch.tensor([1, 1]), 1.0, 0.0)
+    torch.testing.assert_close(res2.denoised, base + 3.0 / 2.0 * 0.1 * rms_normalise(g, x))
+
+    guide_calls.clear()
+    eng3 = CGEngine(CGConfig(desired_class=1, scale=0.0), scale=1.0)   # w = 1: the guide is not needed
+    eng3.begin(sig)
+    torch.testing.assert_close(eng3.denoise(x, 1.0, main, net, evaluate_guide=guide).denoised, 0.5 * x)
+    assert guide_calls == []
