@@ -57,3 +57,19 @@ def plain_resident_copy(module: torch.nn.Module, device, dtype: Optional[torch.d
                     p.data = p.data.to(dtype)
         out.requires_grad_(False)
     return out
+
+
+def copy_bytes(module: torch.nn.Module, dtype: Optional[torch.dtype] = None,
+               skip: Iterable[torch.nn.Module] = ()) -> int:
+    """Bytes that :func:`plain_resident_copy` of ``module`` (with ``dtype`` and ``skip``) will hold:
+    its parameters and buffers, floating ones at ``dtype`` where given, shared tensors once."""
+    skipped = {id(t) for m in skip for t in list(m.parameters()) + list(m.buffers())}
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if id(t) in seen or id(t) in skipped:
+            continue
+        seen.add(id(t))
+        size = torch.empty((), dtype=dtype).element_size() if dtype is not None and t.is_floating_point() \
+            else t.element_size()
+        total += t.numel() * size
+    return total

@@ -8,7 +8,7 @@ import torch
 
 from ..classifiers.timm_classifier import straight_through_clamp
 from ..common.errors import GFCGInputError
-from ..common.grad_copy import plain_resident_copy
+from ..common.grad_copy import copy_bytes, plain_resident_copy
 from .pixels import auto_latent_size, is_pixel_vae, latent_rgb
 
 log = logging.getLogger("comfyui_gfcg")
@@ -19,14 +19,24 @@ AUTO_RESOLUTION = 0.0     # decode_resolution = 0: the size the classifier consu
 _told = set()             # fallbacks already logged (once per format and choice)
 
 
+def _decoder_parts(vae):
+    fsm = vae.first_stage_model
+    enc = getattr(fsm, "encoder", None)
+    return fsm, getattr(vae, "vae_dtype", None), [enc] if isinstance(enc, torch.nn.Module) else []
+
+
 def _decoder_only_copy(vae) -> torch.nn.Module:
     """A copy of a VAE's first-stage model without its encoder, whose weights autograd may use, on
     the VAE's device: an ordinary resident module whatever way ComfyUI loaded the VAE (under
     inference mode, in lowvram, or dynamically), see ``grad_copy``. Used only for gradients."""
-    fsm = vae.first_stage_model
-    enc = getattr(fsm, "encoder", None)
-    return plain_resident_copy(fsm, vae.device, getattr(vae, "vae_dtype", None),
-                               skip=[enc] if isinstance(enc, torch.nn.Module) else [])
+    fsm, dtype, skip = _decoder_parts(vae)
+    return plain_resident_copy(fsm, vae.device, dtype, skip=skip)
+
+
+def decoder_copy_bytes(vae) -> int:
+    """Bytes of :func:`_decoder_only_copy`'s copy."""
+    fsm, dtype, skip = _decoder_parts(vae)
+    return copy_bytes(fsm, dtype, skip)
 
 
 def vae_free_memory(vae) -> int:
@@ -202,6 +212,12 @@ class PixelDecoder:
     def is_pixel_space(self, z: torch.Tensor) -> bool:
         vae = self.vae
         return vae is None or is_pixel_vae(vae)
+
+    def gradient_bytes(self) -> int:
+        """Device memory :meth:`prepare_gradients` will take (the VAE decoder's copy; 0 otherwise)."""
+        if self.method == "vae" and self.vae is not None and self._grad_vae is None:
+            return decoder_copy_bytes(self.vae)
+        return 0
 
     def prepare_gradients(self) -> None:
         """Make the VAE decoder differentiable: a copy on the device ComfyUI loaded the VAE to."""

@@ -6,22 +6,38 @@ then the classifier's gradient on the decoded estimate, added to the denoised es
 ``gradient.denoised_term`` derives. ComfyUI executes nodes under ``torch.inference_mode()``:
 the gradient is taken with inference mode off, through copies of the classifier (with Softplus)
 and of the VAE decoder that are made for the run on the device the models were loaded to, and
-dropped when it ends. The autograd graph lives only inside ``gradient.guidance_gradient``.
+dropped when it ends. ComfyUI is asked to make room for them first (``reserve_memory``). The autograd graph lives only inside ``gradient.guidance_gradient``.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
 
+import comfy.model_management
 import comfy.samplers
 
 from ..common.errors import GFCGInputError
+from ..common.grad_copy import copy_bytes
 from .callconv import named_arguments
 from .checks import check_finite_latent, check_image_latent, check_vae, per_row_classes
 from .comfy_decode import PixelDecoder, additional_models, resolve_decode
 from .comfy_hooks import post_cfg_hooks, pre_cfg_hooks, report_trace
 from .gradient import CGConfig, CGEngine, softplus_copy
+
+
+def reserve_memory(nbytes: int, device, run_patchers) -> None:
+    """Ask ComfyUI for ``nbytes`` on ``device`` for memory it does not manage (the run's grad-capable
+    copies): ``model_management.free_memory`` offloads other models until that much and the inference
+    reserve are free, keeping the models of this run (``run_patchers``) loaded; on 0.33+ with the
+    rule ``load_models_gpu`` uses (``for_dynamic`` when all of the run's models are dynamic)."""
+    mm = comfy.model_management
+    keep = [lm for lm in mm.current_loaded_models if any(lm.model is p for p in run_patchers)]
+    kw = {}
+    if "for_dynamic" in inspect.signature(mm.free_memory).parameters:
+        kw["for_dynamic"] = all(getattr(p, "is_dynamic", lambda: False)() for p in run_patchers)
+    mm.free_memory(int(nbytes) + mm.minimum_inference_memory(), torch.device(device), keep_loaded=keep, **kw)
 
 
 class ClassifierGuidanceGuider(comfy.samplers.CFGGuider):
@@ -65,8 +81,14 @@ class ClassifierGuidanceGuider(comfy.samplers.CFGGuider):
                                  f"{num} classes")
         self.engine.desired_rows = rows
         self.engine.begin(sigmas, sampler_options=getattr(a["sampler"], "extra_options", None))  # may refuse
-        # the models are loaded on their device by now: grad-capable copies live there for this run
-        self._grad_classifier, _ = softplus_copy(self.classifier.classifier, self.config.softplus_beta)
+        # the models are loaded by now: grad-capable copies live on their load devices for this run,
+        # in memory that ComfyUI was asked to make room for (other models give way, this run's stay)
+        dev = self.classifier.patcher.load_device
+        run = [self.model_patcher, *getattr(self, "loaded_models", [])]
+        reserve_memory(copy_bytes(self.classifier.classifier), dev, run)
+        if self.decoder.gradient_bytes():
+            reserve_memory(self.decoder.gradient_bytes(), self.decoder.vae.device, run)
+        self._grad_classifier, _ = softplus_copy(self.classifier.classifier, self.config.softplus_beta, dev)
         self.decoder.prepare_gradients()
         self._reported = 0
         try:

@@ -39,7 +39,7 @@ CLASSIFIER_INPUTS = ("denoised", "noisy")
 # The classifier: ReLU -> Softplus
 # --------------------------------------------------------------------------------------------
 
-def softplus_copy(module: torch.nn.Module, beta: float) -> tuple:
+def softplus_copy(module: torch.nn.Module, beta: float, device=None) -> tuple:
     """(copy, n): a copy of ``module`` in which every ``nn.ReLU`` module (inplace or not) is replaced by
     ``nn.Softplus(beta)``, Softplus_beta(x) = log(1 + exp(beta x)) / beta, and n is the number replaced.
 
@@ -47,10 +47,11 @@ def softplus_copy(module: torch.nn.Module, beta: float) -> tuple:
     inference mode off and gradients on, so its weights are ordinary tensors that autograd may save
     (ComfyUI builds models under ``torch.inference_mode()``); the input module is left untouched.
     ReLUs applied as functions (``F.relu`` inside a ``forward``) cannot be replaced; the count tells.
+    ``device``: where the copy's weights go (``None``: each where the original's is).
     """
     if not beta > 0:
         raise GFCGInputError(f"softplus_beta: must be > 0 (inf keeps ReLU), got {beta}")
-    out = plain_resident_copy(module, None)     # never duplicates ComfyUI's runtime objects (DynamicVRAM)
+    out = plain_resident_copy(module, device)   # never duplicates ComfyUI's runtime objects (DynamicVRAM)
     n = 0
     if math.isinf(beta):
         return out, n

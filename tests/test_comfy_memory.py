@@ -302,3 +302,59 @@ def test_loaders_take_a_weight_dtype(env, clip_file):
             assert clf(images).dtype == torch.float32
     schema = env["reg"]["GFCGLoadImageClassifier"].GET_SCHEMA()
     assert [i.id for i in schema.inputs][-1] == "weight_dtype"    # last: saved workflows keep their widget order
+
+
+def test_gradient_guider_copies_are_counted_by_comfyui(env, monkeypatch):
+    """Issue 24 item 3: the gradient guider's per-run copies (the classifier with Softplus, the VAE
+    decoder) are device memory outside ComfyUI's models. ComfyUI is asked for room before they are
+    made: with its free-memory estimate forced low, another loaded model gives way while this run's
+    models stay loaded. Before: no request at all, the other model stayed."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    from conftest import sample
+    from test_comfy_cg import cg
+
+    cm = env["cm"]
+    m, _ = cm.tiny_model()
+    other = comfy.model_patcher.ModelPatcher(torch.nn.Linear(64, 64), load_device=mm.get_torch_device(),
+                                             offload_device=torch.device("cpu"))
+    mm.load_models_gpu([other])
+    assert any(lm.model is other for lm in mm.current_loaded_models)
+    calls, real = [], mm.free_memory
+
+    def spy(memory_required, device, keep_loaded=[], **kw):
+        calls.append((memory_required, torch.device(device), [lm.model for lm in keep_loaded]))
+        return real(memory_required, device, keep_loaded=keep_loaded, **kw)
+
+    monkeypatch.setattr(mm, "free_memory", spy)
+    guider = cg(env, m, cm.label_cond(3))
+    _forced_free_memory(monkeypatch, 0)
+    out = sample(guider)
+    assert torch.isfinite(out).all()
+    clf = env["clf"].classifier
+    need = sum(t.numel() * t.element_size() for t in list(clf.parameters()) + list(clf.buffers()))
+    asked = [c for c in calls if c[0] >= need and c[1] == torch.device(env["clf"].patcher.load_device)]
+    assert asked, f"ComfyUI was not asked for the copies' {need} bytes: {calls}"
+    kept = asked[0][2]
+    assert any(p.model is m.model for p in kept), "the run's diffusion model must stay loaded"
+    assert any(p is env["clf"].patcher for p in kept), "the run's classifier must stay loaded"
+    assert not any(lm.model is other for lm in mm.current_loaded_models), "the other model did not give way"
+    assert any(lm.model is env["clf"].patcher for lm in mm.current_loaded_models)
+
+
+def test_gradient_copies_go_to_the_load_device(env):
+    """A classifier that ComfyUI loaded partially (parts on the offload device): the gradient copy
+    holds all of its weights on the load device, so its forward stays on one device."""
+    import comfy.model_patcher
+
+    from comfyui_gfcg.guiders.gradient import softplus_copy
+
+    with torch.inference_mode():     # a fresh load (one that ComfyUI loaded before carries its load state)
+        module = env["reg"]["GFCGLoadImageClassifier"].execute("tiny_resnet.safetensors", "").result[0].classifier
+    p = comfy.model_patcher.ModelPatcher(module, load_device=torch.device("meta"), offload_device=torch.device("cpu"))
+    p.partially_load(torch.device("meta"), extra_memory=p.model_size() * 0.9)
+    assert devices(module) == {"meta", "cpu"}
+    grad_copy, _ = softplus_copy(module, 5.0, torch.device("meta"))
+    assert devices(grad_copy) == {"meta"} and devices(module) == {"meta", "cpu"}
+    assert grad_copy(torch.rand(2, 3, 24, 24, device="meta")).device.type == "meta"
