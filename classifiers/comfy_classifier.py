@@ -11,6 +11,7 @@ import comfy.model_patcher
 import folder_paths
 
 from ..common.comfy_folders import ensure_folder
+from ..common.comfy_patcher import patcher_class
 from ..common.grad_copy import plain_resident_copy
 from ..common.folders import bundled_folders
 from .clip_classifier import CLIP_EXTENSIONS
@@ -41,13 +42,6 @@ def resolve_weight_dtype(name: str) -> torch.dtype:
     if name in (None, "", "auto"):
         return torch.float16 if mm.should_use_fp16(mm.get_torch_device()) else torch.float32
     return weight_dtype_of(name)
-
-
-def patcher_class():
-    """The patcher class ComfyUI's own loaders use now: ``CoreModelPatcher`` (the dynamic-VRAM
-    patcher where ComfyUI turned DynamicVRAM on, else the plain one; looked up at call time, since
-    ComfyUI rebinds it at start-up), or ``ModelPatcher`` on ComfyUI without it (0.3.64)."""
-    return getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
 
 
 def classifier_patcher(classifier: ImageClassifier):

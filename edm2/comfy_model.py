@@ -19,6 +19,7 @@ import comfy.supported_models_base
 import folder_paths
 
 from ..common.comfy_folders import ensure_folder
+from ..common.comfy_patcher import patcher_class
 from ..common.folders import bundled_folders
 from .checkpoint import CheckpointError, EDM2Checkpoint, build_network, read_checkpoint
 from .network import MPConv, mp_apply
@@ -200,12 +201,22 @@ class CastMPConv(MPConv, comfy.ops.CastWeightBiasOp):
     """A folded MPConv with ComfyUI's weight-cast hooks: when a partial (lowvram) load leaves it on
     the offload device, ComfyUI turns ``comfy_cast_weights`` on and its weight is cast to the
     input's device and dtype at each forward (``comfy.ops.cast_bias_weight``), as ComfyUI's own
-    layers do; otherwise it is the plain MPConv."""
+    layers do; otherwise it is the plain MPConv. A DynamicVRAM load (0.33+) turns the casts on for
+    every layer and streams its weight through a VRAM slice that ``uncast_bias_weight`` releases
+    after the forward, as ComfyUI's own layers call it; ComfyUI without it (0.3.64) gets the
+    two-value form."""
 
     def forward(self, x: torch.Tensor, gain=1.0) -> torch.Tensor:
         if self.folded and (self.comfy_cast_weights or len(self.weight_function) > 0):
-            weight, _ = comfy.ops.cast_bias_weight(self, x)
-            return mp_apply(x, weight)
+            uncast = getattr(comfy.ops, "uncast_bias_weight", None)   # 0.33+
+            if uncast is None:
+                weight, _ = comfy.ops.cast_bias_weight(self, x)
+                return mp_apply(x, weight)
+            weight, _, stream = comfy.ops.cast_bias_weight(self, x, offloadable=True)
+            try:
+                return mp_apply(x, weight)
+            finally:
+                uncast(self, weight, None, stream)
         return super().forward(x, gain)
 
 
@@ -218,22 +229,24 @@ def with_cast_hooks(net: torch.nn.Module) -> torch.nn.Module:
     return net
 
 
-def model_from_checkpoint(ckpt: EDM2Checkpoint, weight_dtype: str = "default"):
+def model_from_checkpoint(ckpt: EDM2Checkpoint, weight_dtype: str = "default", disable_dynamic: bool = False):
     """A ModelPatcher for a read checkpoint (weights folded and cast on the offload device; layers
-    that ComfyUI can leave offloaded under a partial load, see :class:`CastMPConv`)."""
+    that ComfyUI can leave offloaded under a partial load or stream under DynamicVRAM, see
+    :class:`CastMPConv`), of the class ComfyUI's own loaders use (``patcher_class``: dynamic where
+    DynamicVRAM is on, unless ``disable_dynamic``)."""
     dtype = resolve_dtype(weight_dtype, ckpt)
     offload = mm.unet_offload_device()
     net = with_cast_hooks(build_network(ckpt, dtype, device=offload))
     model = EDM2Model(net, ckpt, device=offload)
-    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=offload)
+    return patcher_class(disable_dynamic)(model, load_device=mm.get_torch_device(), offload_device=offload)
 
 
 def load_edm2_model(path: str, weight_dtype: str = "default", disable_dynamic: bool = False):
     """A ModelPatcher for the checkpoint at ``path`` that newer ComfyUI can load again by itself:
     ``cached_patcher_init`` names this loader, as ComfyUI's core loaders do, so that the multi-GPU
-    split (``deepclone_multigpu``) and ``get_non_dynamic_delegate`` get a fresh copy of the weights
-    (the pack's patchers are never dynamic: ``disable_dynamic`` is accepted and has nothing to do)."""
-    patcher = model_from_checkpoint(read_checkpoint(path), weight_dtype)
+    split (``deepclone_multigpu``) and ``get_non_dynamic_delegate`` (``disable_dynamic``: the plain
+    patcher) get a fresh copy of the weights."""
+    patcher = model_from_checkpoint(read_checkpoint(path), weight_dtype, disable_dynamic)
     patcher.cached_patcher_init = (load_edm2_model, (path, weight_dtype))
     return patcher
 

@@ -196,6 +196,8 @@ CALLS = {
                                          "disable_pbar", "seed"], {}, {}),                            # GFCGSampleWrapper
     "comfy.taesd.taesd.TAESD.__init__": (["self", "encoder_path", "decoder_path"], {"latent_channels": 4}, {}),
     "comfy.utils.load_torch_file": (["path"], {"safe_load": True}, {}),
+    "comfy.model_management.free_memory": (["nbytes", "device"], {"keep_loaded": []}, {"for_dynamic": False}),  # reserve_memory
+    "comfy.model_management.minimum_inference_memory": ([], {}, {}),                                  # reserve_memory
 }
 
 

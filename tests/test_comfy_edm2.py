@@ -312,3 +312,58 @@ def test_edm2_patcher_can_be_loaded_again_by_comfyui(env):
         assert c.model is not p.model
         with torch.inference_mode():
             assert torch.equal(p.model.apply_model(x, s, y=y), c.model.apply_model(x, s, y=y))
+
+
+def test_edm2_patcher_is_dynamic_where_comfyui_is(env, monkeypatch):
+    """Issue 24 item 6: where DynamicVRAM is on, ComfyUI's start-up rebinds ``CoreModelPatcher`` to its
+    dynamic patcher and its own loaders use that; so does the EDM2 loader (a plain patcher in a load
+    switches ComfyUI's freeing policy for every dynamic model beside it). The non-dynamic delegate
+    (``disable_dynamic``) is the plain patcher. Before: always the plain one."""
+    import comfy.model_patcher
+
+    class Dynamic(comfy.model_patcher.ModelPatcher):      # stands in for ModelPatcherDynamic on the CPU
+        pass
+
+    monkeypatch.setattr(comfy.model_patcher, "CoreModelPatcher", Dynamic, raising=False)
+    p = load(env, "edm2-img512-tiny")
+    assert type(p) is Dynamic
+    fn, args = p.cached_patcher_init[:2]
+    assert type(fn(*args, disable_dynamic=True)) is comfy.model_patcher.ModelPatcher
+    assert type(fn(*args)) is Dynamic
+
+
+def test_edm2_cast_layers_release_each_cast(env, monkeypatch):
+    """Under DynamicVRAM a layer's weight is cast into a slice of VRAM that stays pinned until
+    ``uncast_bias_weight`` releases it (ComfyUI's own layers call it after each use). Every cast MPConv
+    forward asks for the releasable form and releases it (0.33+; 0.3.64 has only the two-value form)."""
+    import comfy.ops
+
+    p = load(env, "edm2-img512-tiny")
+    net = p.model.diffusion_model
+    layers = [m for m in net.modules() if type(m).__name__ == "CastMPConv"]   # the node's import of the pack
+    assert layers
+    x, s, y = torch.randn(1, 4, 16, 16), torch.tensor([1.0]), torch.eye(1000)[:1]
+    with torch.inference_mode():
+        want = p.model.apply_model(x, s, y=y)
+    casts, releases = [], []
+    real_cast = comfy.ops.cast_bias_weight
+
+    def cast(*a, **k):
+        casts.append(k.get("offloadable", False))
+        return real_cast(*a, **k)
+
+    monkeypatch.setattr(comfy.ops, "cast_bias_weight", cast)
+    if hasattr(comfy.ops, "uncast_bias_weight"):
+        real_uncast = comfy.ops.uncast_bias_weight
+        monkeypatch.setattr(comfy.ops, "uncast_bias_weight", lambda *a: releases.append(a[0]) or real_uncast(*a))
+    for m in layers:
+        monkeypatch.setattr(m, "comfy_cast_weights", True, raising=False)
+    with torch.inference_mode():
+        got = p.model.apply_model(x, s, y=y)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert len(casts) >= len(layers) // 2 > 0          # the forward went through the cast path
+    if hasattr(comfy.ops, "uncast_bias_weight"):
+        assert all(casts), "every cast must be the releasable (offloadable) form"
+        assert len(releases) == len(casts) and set(map(id, releases)) <= set(map(id, layers))
+    else:
+        assert not any(casts)
