@@ -98,7 +98,11 @@ def frontier(args) -> int:
         if args.threads:
             import torch
             torch.set_num_threads(args.threads)
-        F.run((k, n), progress=lambda line: print(line, file=sys.stderr, flush=True))
+        log = lambda line: print(line, file=sys.stderr, flush=True)   # noqa: E731
+        if args.timing:
+            F.time_points((k, n), progress=log)
+        else:
+            F.run((k, n), progress=log)
     res = F.write(args.out)
     print(F.markdown(res))
     print(f"wrote frontier.json, frontier.md and frontier.png to {args.out} ({len(res['rows'])} of "
@@ -229,6 +233,8 @@ def main(argv=None) -> int:
     b.add_argument("--threads", type=int, default=1, help="--frontier: CPU threads per process (wall times are "
                    "per image at this count)")
     b.add_argument("--report", action="store_true", help="--frontier: only write the report from the stored points")
+    b.add_argument("--timing", action="store_true", help="--frontier: time every stored point again on one batch of "
+                   "250 (run on an otherwise idle machine; the report's wall times then come from it)")
     b.add_argument("--perf", action="store_true", help="the cost benchmark instead: NFE, forwards per evaluation, "
                    "wall time against CFG and ATG, peak memory, classifier-step cost per decode choice; writes "
                    "perf.json and perf.md")

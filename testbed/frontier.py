@@ -125,6 +125,9 @@ def points() -> List[Point]:
     p += [Point("GFCG+ATG swap omega", a, "gfcg+atg", sw, (("swap_rule", "omega"), ("alpha", a))) for a in (2.0, 4.0)]
     p += [Point("CG+CFG", s, "cg+cfg", (("cg_scale", s),)) for s in (0.01, 0.02, 0.04)]
     p += [Point("CG+ATG", s, "cg+atg", (("cg_scale", s),)) for s in (0.01, 0.02, 0.04)]
+    # the baselines' low-w end, where their FD is lowest (added after the first points ran)
+    p += [Point("CFG", w, "cfg", (("cfg_scale", w),)) for w in (1.25, 1.75)]
+    p += [Point("ATG", w, "atg", (("atg_scale", w),)) for w in (1.25, 2.5)]
     return p
 
 
@@ -197,14 +200,43 @@ def run(shard: Tuple[int, int] = (0, 1), rows_dir: str = ROWS_DIR, only: Optiona
     for pt in todo:
         t0 = time.time()
         row = run_point(tb, pt, real)
-        tmp = os.path.join(rows_dir, pt.slug + ".json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(row, f, indent=1)
-        os.replace(tmp, os.path.join(rows_dir, pt.slug + ".json"))
+        _write_row(row, pt, rows_dir)
         done.append(row)
         progress(f"frontier: {pt.name}: class precision {row['class_precision']:.3f}, FD {row['fd']:.2f} "
                  f"({time.time() - t0:.0f} s)")
     return done
+
+
+def time_points(shard: Tuple[int, int] = (0, 1), rows_dir: str = ROWS_DIR, n_per_class: int = 25,
+                progress=print) -> None:
+    """Wall time per image of every stored point of this shard, measured again on one batch of
+    ``10 n_per_class`` samples (seed 0) with nothing else running on the machine, into the row as
+    ``timed_seconds_per_image`` (the frontier run's own times share the CPU with whatever ran then)."""
+    from .models import load_testbed
+
+    tb = load_testbed(Settings().dtype)
+    desired = class_rows(n_per_class)
+    for i, pt in enumerate(points()):
+        row = stored(pt, rows_dir) if i % shard[1] == shard[0] else None
+        if row is None or "timed_seconds_per_image" in row:
+            continue
+        out = run_method(tb, pt.method, desired, pt.resolved(), SEED, batch=desired.shape[0])
+        row["timed_seconds_per_image"] = out["seconds"] / desired.shape[0]
+        row["timed_threads"] = torch.get_num_threads()
+        _write_row(row, pt, rows_dir)
+        progress(f"frontier timing: {pt.name}: {1000 * row['timed_seconds_per_image']:.1f} ms / image")
+
+
+def _write_row(row: dict, pt: Point, rows_dir: str) -> None:
+    tmp = os.path.join(rows_dir, pt.slug + ".json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(row, f, indent=1)
+    os.replace(tmp, os.path.join(rows_dir, pt.slug + ".json"))
+
+
+def seconds_per_image(row: dict) -> float:
+    """The quiet re-timing where there is one, else the frontier run's own time."""
+    return row.get("timed_seconds_per_image", row["seconds_per_image"])
 
 
 def load_rows(rows_dir: str = ROWS_DIR) -> List[dict]:
@@ -221,33 +253,35 @@ class Match:
     """A point against its base family at the point's FD."""
 
     point: str
-    base: str                 # the base's vertices used, e.g. "ATG w=2..3 (0.40 / 0.60)"
+    base: str                 # the base's vertices used, e.g. "ATG w=2 .. ATG w=3 at t 0.40"
     base_precision: float
     gain: float
     lower99: float
     upper99: float
     reachable: bool           # False: the base never gets down to this FD; compared with its lowest-FD point
+    vertices: List[Tuple[str, float]]   # (base point name, weight of its hits) of the comparison
 
 
-def envelope(base_rows: Sequence[dict], fd: float) -> Optional[Tuple[float, str, torch.Tensor]]:
+def envelope(base_rows: Sequence[dict], fd: float) -> Optional[tuple]:
     """The base family's best precision at FD <= ``fd`` along its frontier (vertices in knob order,
-    linear between neighbours): (precision, description, per-sample hit weights)."""
+    linear between neighbours): (precision, description, per-sample hit weights, [(vertex, weight)])."""
     best = None
 
-    def consider(prec, desc, h):
+    def consider(prec, desc, h, vertices):
         nonlocal best
         if best is None or prec > best[0]:
-            best = (prec, desc, h)
+            best = (prec, desc, h, vertices)
 
     for r in base_rows:
         if r["fd"] <= fd:
-            consider(r["class_precision"], r["name"], hits_tensor(r["hits"]))
+            consider(r["class_precision"], r["name"], hits_tensor(r["hits"]), [(r["name"], 1.0)])
     for a, b in zip(base_rows, base_rows[1:]):
         lo, hi = sorted((a["fd"], b["fd"]))
         if lo < fd < hi:    # the segment crosses fd: the point on it at fd exactly
             t = (fd - a["fd"]) / (b["fd"] - a["fd"])
             h = (1 - t) * hits_tensor(a["hits"]) + t * hits_tensor(b["hits"])
-            consider(float(h.mean()), f"{a['name']} .. {b['name']} at t {t:.2f}", h)
+            consider(float(h.mean()), f"{a['name']} .. {b['name']} at t {t:.2f}", h,
+                     [(a["name"], 1 - t), (b["name"], t)])
     return best
 
 
@@ -258,10 +292,16 @@ def matched_difference(row: dict, base_rows: Sequence[dict]) -> Match:
     reachable = env is not None
     if not reachable:   # the base's lowest FD is above this point's: compare with that point
         r = min(base_rows, key=lambda r: r["fd"])
-        env = (r["class_precision"], r["name"] + " (the base's lowest FD)", hits_tensor(r["hits"]))
-    d = hits_tensor(row["hits"]) - env[2]
+        env = (r["class_precision"], r["name"] + " (the base's lowest FD)", hits_tensor(r["hits"]), [(r["name"], 1.0)])
+    mean, lo, hi = paired_bounds(hits_tensor(row["hits"]), env[2])
+    return Match(row["name"], env[1], env[0], mean, lo, hi, reachable, env[3])
+
+
+def paired_bounds(a: torch.Tensor, b: torch.Tensor) -> Tuple[float, float, float]:
+    """mean(a - b) and its one-sided 99 % bounds mean -/+ 2.326 sd / sqrt(n) over paired samples."""
+    d = a.double() - b.double()
     mean, half = float(d.mean()), Z99 * float(d.std(unbiased=True)) / math.sqrt(d.numel())
-    return Match(row["name"], env[1], env[0], mean, mean - half, mean + half, reachable)
+    return mean, mean - half, mean + half
 
 
 def answers(rows: Sequence[dict]) -> List[dict]:
@@ -296,6 +336,31 @@ def verdict(ans: dict) -> str:
     return "; ".join(parts)
 
 
+def default_checks(rows: Sequence[dict], fd_margin: float = 0.1, precision_margin: float = 0.02) -> List[dict]:
+    """Does any point of the same method dominate a shipped setting? For each shipped point S and each
+    other point C of S's method: C - S in class precision (paired bounds), FD and cost. C dominates
+    when it is more precise at 99 % at an FD no worse, or when it is as precise (its 99 % lower bound
+    on C - S above -``precision_margin``) at an FD lower by more than ``fd_margin`` (relative) with no
+    more classifier rows per image (5 % slack: settling makes the count vary a little)."""
+    out = []
+    for s in (r for r in rows if r["shipped"]):
+        hs = hits_tensor(s["hits"])
+        cands = []
+        for c in rows:
+            if c is s or c["method"] != s["method"]:
+                continue
+            mean, lo, hi = paired_bounds(hits_tensor(c["hits"]), hs)
+            more = lo > 0 and c["fd"] <= s["fd"]
+            lower_fd = (lo > -precision_margin and c["fd"] < (1 - fd_margin) * s["fd"]
+                        and c["classifier_rows"] <= 1.05 * s["classifier_rows"])
+            cands.append({"point": c["name"], "gain": mean, "lower99": lo, "upper99": hi, "fd": c["fd"],
+                          "classifier_rows": c["classifier_rows"], "seconds_per_image": seconds_per_image(c),
+                          "more_precise_at_no_worse_fd": bool(more), "lower_fd_at_same_precision": bool(lower_fd)})
+        out.append({"shipped": s["name"], "fd": s["fd"], "class_precision": s["class_precision"],
+                    "classifier_rows": s["classifier_rows"], "candidates": cands})
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # Report
 
@@ -304,12 +369,13 @@ def report(rows: Sequence[dict]) -> dict:
     """frontier.json's content: the rows (with their hits, for paired checks), the answers."""
     return {"n_per_point": N_PER_CLASS * NUM_CLASSES, "seed": SEED, "n_real": N_REAL,
             "base_settings": Settings().as_dict(), "torch": torch.__version__,
-            "points_total": len(points()), "rows": list(rows), "answers": answers(rows)}
+            "points_total": len(points()), "rows": list(rows), "answers": answers(rows),
+            "default_checks": default_checks(rows)}
 
 
 def markdown(res: dict) -> str:
     lines = ["| family | knob | class precision | FD | k-NN precision | recall | NFE / image | classifier rows "
-             "/ image | s / image |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "/ image | ms / image |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     fams = list(FAMILIES)
     for r in sorted(res["rows"], key=lambda r: (fams.index(r["family"]), r["value"])):
         knob = f"{FAMILIES[r['family']]['knob']} {r['value']:g}" + (" (shipped)" if r["shipped"] else "")
@@ -317,7 +383,7 @@ def markdown(res: dict) -> str:
             knob += " (unguided)"
         lines.append(f"| {r['family']} | {knob} | {r['class_precision']:.3f} | {r['fd']:.2f} | {r['precision']:.3f} | "
                      f"{r['recall']:.3f} | {r['nfe']:.1f} | {r['classifier_rows']:.1f} | "
-                     f"{r['seconds_per_image']:.3f} |")
+                     f"{1000 * seconds_per_image(r):.0f} |")
     n = res["n_per_point"]
     lines += ["", f"FD's bias with the sample count: every point has {n} samples; two were sampled further "
               f"(the first {n} are the table's):", ""]
@@ -331,6 +397,18 @@ def markdown(res: dict) -> str:
             lines.append(f"- {p['point']} (FD {p['fd']:.2f}): {p['gain']:+.3f} [{p['lower99']:+.3f}, "
                          f"{p['upper99']:+.3f}] against {p['base']} ({p['base_precision']:.3f})"
                          + ("" if p["reachable"] else "; the base does not reach this FD"))
+        lines.append("")
+    lines += ["Shipped settings against the other settings of the same method (paired over the same noises; "
+              "C - shipped [99 % lower, upper]):", ""]
+    for chk in res.get("default_checks", []):
+        lines.append(f"**{chk['shipped']}** (precision {chk['class_precision']:.3f}, FD {chk['fd']:.2f}, "
+                     f"{chk['classifier_rows']:.1f} classifier rows / image):")
+        lines.append("")
+        for c in chk["candidates"]:
+            flag = ("; **more precise at no worse FD**" if c["more_precise_at_no_worse_fd"] else "") + \
+                   ("; **as precise at a lower FD, no more classifier work**" if c["lower_fd_at_same_precision"] else "")
+            lines.append(f"- {c['point']}: {c['gain']:+.3f} [{c['lower99']:+.3f}, {c['upper99']:+.3f}], FD {c['fd']:.2f}, "
+                         f"{c['classifier_rows']:.1f} rows{flag}")
         lines.append("")
     missing = res["points_total"] - len(res["rows"])
     if missing:
@@ -381,7 +459,8 @@ def plot(res: dict, path: str) -> None:
         fd = ship["fd"]
         for fam, st in FAMILIES.items():
             pts = family_points(rows, fam)
-            at = interpolate_at(pts, fd, "seconds_per_image") if len(pts) > 1 else None
+            pts = [dict(r, t=seconds_per_image(r)) for r in pts]
+            at = interpolate_at(pts, fd, "t") if len(pts) > 1 else None
             if at is None:
                 continue
             ax.scatter([1000 * at[1]], [at[0]], color=st["color"], s=40)

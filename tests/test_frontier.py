@@ -32,8 +32,9 @@ def test_points_unique_and_shipped_settings():
 def test_envelope_interpolates_between_vertices():
     a = row("B", 1.0, 1.0, [1, 0, 0, 0])      # precision 0.25 at FD 1
     b = row("B", 2.0, 3.0, [1, 1, 1, 0])      # precision 0.75 at FD 3
-    prec, desc, weights = F.envelope([a, b], 2.0)                 # half way
+    prec, desc, weights, vertices = F.envelope([a, b], 2.0)       # half way
     assert prec == pytest.approx(0.5) and "t 0.50" in desc
+    assert vertices == [("B 1", pytest.approx(0.5)), ("B 2", pytest.approx(0.5))]
     torch.testing.assert_close(weights, torch.tensor([1.0, 0.5, 0.5, 0.0], dtype=torch.float64))
     assert F.envelope([a, b], 0.5) is None                         # below every vertex: unreachable
     assert F.envelope([a, b], 5.0)[0] == pytest.approx(0.75)      # past the last vertex: its precision
