@@ -234,7 +234,7 @@ def main(argv=None) -> int:
                    "per image at this count)")
     b.add_argument("--report", action="store_true", help="--frontier: only write the report from the stored points")
     b.add_argument("--timing", action="store_true", help="--frontier: time every stored point again on one batch of "
-                   "250 (run on an otherwise idle machine; the report's wall times then come from it)")
+                   "100 (one process a core, nothing else running; the report's wall times then come from it)")
     b.add_argument("--perf", action="store_true", help="the cost benchmark instead: NFE, forwards per evaluation, "
                    "wall time against CFG and ATG, peak memory, classifier-step cost per decode choice; writes "
                    "perf.json and perf.md")

@@ -37,6 +37,15 @@ ROWS_DIR = os.path.join("testbed", "results", "frontier_rows")
 
 # the schedule the autoguidance workflows ship (bench.SHIPPED_ATG): every 2nd step, settle after 4
 SHIPPED_SCHEDULE = {"period": 2, "settle_after": 4}
+# the alpha GFCG alone and on CFG ship with (the node default), chosen by this frontier (was 4)
+SHIPPED_ALPHA = 8.0
+
+
+def frontier_base() -> Settings:
+    """The settings every point starts from: the benchmark's sampler, with GFCG's alpha pinned at 4
+    (the node default when the frontier ran; the frontier itself moved the default to 8). Every
+    GFCG point sets its own alpha, so the pin only keeps the stored points' configurations equal."""
+    return dataclasses.replace(Settings(), gfcg=dataclasses.replace(Settings().gfcg, alpha=4.0))
 
 
 @dataclass(frozen=True)
@@ -50,7 +59,8 @@ class Point:
     settings: Tuple = ()            # (name, value) pairs: Settings overrides
     gfcg: Tuple = ()                # (name, value) pairs: GFCGConfig overrides
     n_per_class: int = N_PER_CLASS
-    shipped: bool = False
+    shipped: bool = False           # the setting the nodes and workflows ship now
+    former: bool = False            # the setting they shipped before this frontier
 
     @property
     def name(self) -> str:
@@ -62,7 +72,7 @@ class Point:
         return s.replace("=", "-")
 
     def resolved(self, base: Optional[Settings] = None) -> Settings:
-        base = base or Settings()
+        base = base or frontier_base()
         over = dict(self.settings)
         if "cg_scale" in over:
             over["cg"] = dataclasses.replace(base.cg, scale=over.pop("cg_scale"))
@@ -88,6 +98,7 @@ FAMILIES: Dict[str, dict] = {
     "GFCG+ATG swap sum, every step": {"knob": "alpha", "base": "ATG", "color": "tab:red", "style": ":"},
     "GFCG+ATG swap sum, shipped schedule": {"knob": "alpha", "base": "ATG", "color": "tab:red", "style": "-"},
     "GFCG+ATG swap max": {"knob": "alpha", "base": "ATG", "color": "tab:pink", "style": ":"},
+    "GFCG+ATG swap max, shipped schedule": {"knob": "alpha", "base": "ATG", "color": "tab:pink", "style": "-"},
     "GFCG+ATG swap omega": {"knob": "alpha", "base": "ATG", "color": "tab:brown", "style": ":"},
     "GFCG+ATG swap base": {"knob": "tau", "base": "ATG", "color": "tab:purple", "style": ":"},
     "CG (EluCD)": {"knob": "s", "base": "CFG", "color": "tab:orange", "style": "-"},
@@ -95,9 +106,9 @@ FAMILIES: Dict[str, dict] = {
     "CG+ATG": {"knob": "s", "base": "ATG", "color": "peru", "style": ":"},
 }
 
-# the issue's four questions: (GFCG family, base family)
+# the four questions: (GFCG family, base family); then gradient guidance on the same bases
 ANSWERS = (("GFCG", "CFG"), ("GFCG+CFG additive", "CFG"), ("GFCG+ATG swap sum, shipped schedule", "ATG"),
-           ("GFCG", "CG (EluCD)"))
+           ("GFCG", "CG (EluCD)"), ("GFCG+CFG additive", "CG+CFG"), ("GFCG+ATG swap sum, shipped schedule", "CG+ATG"))
 
 
 def points() -> List[Point]:
@@ -109,13 +120,14 @@ def points() -> List[Point]:
          Point("GFCG+ATG swap sum, shipped schedule", 4.0, "gfcg+atg", sw, (("alpha", 4.0),) + ship,
                n_per_class=200, shipped=True),
          Point("CFG", 2.0, "cfg", (("cfg_scale", 2.0),)),
-         Point("GFCG", 4.0, "gfcg", (), (("alpha", 4.0),), shipped=True),
-         Point("GFCG+CFG additive", 4.0, "gfcg+cfg", (("mode", "additive"),), (("alpha", 4.0),), shipped=True)]
+         Point("GFCG", 4.0, "gfcg", (), (("alpha", 4.0),), former=True),
+         Point("GFCG+CFG additive", 4.0, "gfcg+cfg", (("mode", "additive"),), (("alpha", 4.0),), former=True)]
     p += [Point("ATG", w, "atg", (("atg_scale", w),)) for w in (1.5, 3.0, 4.0, 6.0)]
     p += [Point("CFG", w, "cfg", (("cfg_scale", w),)) for w in (1.5, 3.0, 4.0, 6.0)]
     p += [Point("GFCG+ATG swap sum, shipped schedule", a, "gfcg+atg", sw, (("alpha", a),) + ship) for a in (2.0, 8.0, 16.0)]
-    p += [Point("GFCG", a, "gfcg", (), (("alpha", a),)) for a in (1.0, 2.0, 8.0, 16.0)]
-    p += [Point("GFCG+CFG additive", a, "gfcg+cfg", (("mode", "additive"),), (("alpha", a),)) for a in (1.0, 2.0, 8.0)]
+    p += [Point("GFCG", a, "gfcg", (), (("alpha", a),), shipped=a == SHIPPED_ALPHA) for a in (1.0, 2.0, 8.0, 16.0)]
+    p += [Point("GFCG+CFG additive", a, "gfcg+cfg", (("mode", "additive"),), (("alpha", a),), shipped=a == SHIPPED_ALPHA)
+          for a in (1.0, 2.0, 8.0)]
     p += [Point("CG (EluCD)", s, "cg", (("cg_scale", s),)) for s in (0.004, 0.01, 0.02, 0.04, 0.08)]
     p += [Point("GFCG+ATG swap sum, every step", a, "gfcg+atg", sw, (("alpha", a),)) for a in (1.0, 2.0, 4.0, 8.0, 16.0)]
     p += [Point("GFCG (period 2, settle 4)", a, "gfcg", (), (("alpha", a),) + ship) for a in (4.0, 8.0, 16.0)]
@@ -128,6 +140,11 @@ def points() -> List[Point]:
     # the baselines' low-w end, where their FD is lowest (added after the first points ran)
     p += [Point("CFG", w, "cfg", (("cfg_scale", w),)) for w in (1.25, 1.75)]
     p += [Point("ATG", w, "atg", (("atg_scale", w),)) for w in (1.25, 2.5)]
+    # GFCG's alpha further, where precision was still rising at the largest alpha run
+    p += [Point("GFCG", 32.0, "gfcg", (), (("alpha", 32.0),)),
+          Point("GFCG+CFG additive", 16.0, "gfcg+cfg", (("mode", "additive"),), (("alpha", 16.0),))]
+    # the max rule (more precise than sum at the shipped FD, every step) at the shipped schedule's cost
+    p += [Point("GFCG+ATG swap max, shipped schedule", 8.0, "gfcg+atg", sw, (("swap_rule", "max"), ("alpha", 8.0)) + ship)]
     return p
 
 
@@ -207,7 +224,7 @@ def run(shard: Tuple[int, int] = (0, 1), rows_dir: str = ROWS_DIR, only: Optiona
     return done
 
 
-def time_points(shard: Tuple[int, int] = (0, 1), rows_dir: str = ROWS_DIR, n_per_class: int = 25,
+def time_points(shard: Tuple[int, int] = (0, 1), rows_dir: str = ROWS_DIR, n_per_class: int = 10,
                 progress=print) -> None:
     """Wall time per image of every stored point of this shard, measured again on one batch of
     ``10 n_per_class`` samples (seed 0) with nothing else running on the machine, into the row as
@@ -240,8 +257,14 @@ def seconds_per_image(row: dict) -> float:
 
 
 def load_rows(rows_dir: str = ROWS_DIR) -> List[dict]:
-    """The stored rows of the current points, in ``points()`` order (missing ones left out)."""
-    return [r for r in (stored(p, rows_dir) for p in points()) if r is not None]
+    """The stored rows of the current points, in ``points()`` order (missing ones left out), with
+    their roles as the points say now (shipped, formerly shipped)."""
+    out = []
+    for p in points():
+        r = stored(p, rows_dir)
+        if r is not None:
+            out.append(dict(r, shipped=p.shipped, former=p.former))
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -314,19 +337,22 @@ def answers(rows: Sequence[dict]) -> List[dict]:
             continue
         out.append({"family": fam, "base": base,
                     "points": [dict(dataclasses.asdict(matched_difference(r, base_rows)), fd=r["fd"],
-                                    shipped=r["shipped"]) for r in pts]})
+                                    shipped=r["shipped"], former=r.get("former", False)) for r in pts]})
     return out
 
 
 def verdict(ans: dict) -> str:
     """One sentence from a question's matches."""
     wins = [p for p in ans["points"] if p["lower99"] > 0]
-    losses = [p for p in ans["points"] if p["upper99"] < 0]
-    ship = next((p for p in ans["points"] if p["shipped"]), None)
     parts = []
-    if ship:
-        parts.append(f"shipped {ship['point']}: {ship['gain']:+.3f} [{ship['lower99']:+.3f}, {ship['upper99']:+.3f}]"
-                     f" against {ship['base']}")
+    for role, key in (("shipped", "shipped"), ("shipped before", "former")):
+        p = next((p for p in ans["points"] if p.get(key)), None)
+        if p:
+            parts.append(f"{role} {p['point']}: {p['gain']:+.3f} [{p['lower99']:+.3f}, {p['upper99']:+.3f}]"
+                         f" against {p['base']}")
+    losses = [p for p in ans["points"] if p["upper99"] < 0]
+    if losses and wins:
+        parts.append(f"{len(losses)} below it at 99 %")
     if wins:
         parts.append(f"{len(wins)} of {len(ans['points'])} points above the {ans['base']} frontier at 99 %")
     elif losses:
@@ -343,7 +369,7 @@ def default_checks(rows: Sequence[dict], fd_margin: float = 0.1, precision_margi
     on C - S above -``precision_margin``) at an FD lower by more than ``fd_margin`` (relative) with no
     more classifier rows per image (5 % slack: settling makes the count vary a little)."""
     out = []
-    for s in (r for r in rows if r["shipped"]):
+    for s in (r for r in rows if r["shipped"] or r.get("former")):
         hs = hits_tensor(s["hits"])
         cands = []
         for c in rows:
@@ -356,7 +382,8 @@ def default_checks(rows: Sequence[dict], fd_margin: float = 0.1, precision_margi
             cands.append({"point": c["name"], "gain": mean, "lower99": lo, "upper99": hi, "fd": c["fd"],
                           "classifier_rows": c["classifier_rows"], "seconds_per_image": seconds_per_image(c),
                           "more_precise_at_no_worse_fd": bool(more), "lower_fd_at_same_precision": bool(lower_fd)})
-        out.append({"shipped": s["name"], "fd": s["fd"], "class_precision": s["class_precision"],
+        out.append({"shipped": s["name"], "role": "shipped" if s["shipped"] else "formerly shipped",
+                    "fd": s["fd"], "class_precision": s["class_precision"],
                     "classifier_rows": s["classifier_rows"], "candidates": cands})
     return out
 
@@ -368,7 +395,7 @@ def default_checks(rows: Sequence[dict], fd_margin: float = 0.1, precision_margi
 def report(rows: Sequence[dict]) -> dict:
     """frontier.json's content: the rows (with their hits, for paired checks), the answers."""
     return {"n_per_point": N_PER_CLASS * NUM_CLASSES, "seed": SEED, "n_real": N_REAL,
-            "base_settings": Settings().as_dict(), "torch": torch.__version__,
+            "base_settings": frontier_base().as_dict(), "torch": torch.__version__,
             "points_total": len(points()), "rows": list(rows), "answers": answers(rows),
             "default_checks": default_checks(rows)}
 
@@ -378,7 +405,8 @@ def markdown(res: dict) -> str:
              "/ image | ms / image |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     fams = list(FAMILIES)
     for r in sorted(res["rows"], key=lambda r: (fams.index(r["family"]), r["value"])):
-        knob = f"{FAMILIES[r['family']]['knob']} {r['value']:g}" + (" (shipped)" if r["shipped"] else "")
+        knob = f"{FAMILIES[r['family']]['knob']} {r['value']:g}" + (" (shipped)" if r["shipped"] else "") + \
+            (" (shipped before)" if r.get("former") else "")
         if r["method"] == "none":
             knob += " (unguided)"
         lines.append(f"| {r['family']} | {knob} | {r['class_precision']:.3f} | {r['fd']:.2f} | {r['precision']:.3f} | "
@@ -401,7 +429,7 @@ def markdown(res: dict) -> str:
     lines += ["Shipped settings against the other settings of the same method (paired over the same noises; "
               "C - shipped [99 % lower, upper]):", ""]
     for chk in res.get("default_checks", []):
-        lines.append(f"**{chk['shipped']}** (precision {chk['class_precision']:.3f}, FD {chk['fd']:.2f}, "
+        lines.append(f"**{chk['shipped']}**, {chk['role']} (precision {chk['class_precision']:.3f}, FD {chk['fd']:.2f}, "
                      f"{chk['classifier_rows']:.1f} classifier rows / image):")
         lines.append("")
         for c in chk["candidates"]:
@@ -443,29 +471,35 @@ def plot(res: dict, path: str) -> None:
         for r in pts:
             if r["shipped"]:
                 ax.plot(r["fd"], r["class_precision"], marker="*", ms=14, color=st["color"], mec="black", zorder=5)
+            if r.get("former"):
+                ax.plot(r["fd"], r["class_precision"], marker="*", ms=14, mfc="none", mec=st["color"], zorder=5)
         ends = [pts[0], pts[-1]]
         for r in ends:
             ax.annotate(f"{st['knob']} {r['value']:g}", (r["fd"], r["class_precision"]), fontsize=6,
                         xytext=(3, -8), textcoords="offset points", color=st["color"])
     ax.set_xlabel("FD (evaluation-classifier features, 1000 samples), lower is better")
     ax.set_ylabel("class precision (evaluation classifier)")
-    ax.set_title("precision against FD, one line per family along its knob (* = shipped)", fontsize=10)
+    ax.set_title("precision against FD, one line per family along its knob (* shipped, hollow * shipped before)",
+                 fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3)
 
     ship = next((r for r in rows if r["shipped"] and r["family"].startswith("GFCG+ATG")), None)
     ax = axes[1]
-    if ship:
-        fd = ship["fd"]
-        for fam, st in FAMILIES.items():
-            pts = family_points(rows, fam)
-            pts = [dict(r, t=seconds_per_image(r)) for r in pts]
+    targets = ([(ship["fd"], "o")] if ship else []) + [(1.5, "s")]
+    for fam, st in FAMILIES.items():
+        pts = [dict(r, t=seconds_per_image(r)) for r in family_points(rows, fam)]
+        for fd, marker in targets:
             at = interpolate_at(pts, fd, "t") if len(pts) > 1 else None
             if at is None:
                 continue
-            ax.scatter([1000 * at[1]], [at[0]], color=st["color"], s=40)
-            ax.annotate(fam, (1000 * at[1], at[0]), fontsize=7, xytext=(4, 2), textcoords="offset points")
-        ax.set_title(f"at FD {fd:.2f} (shipped GFCG+ATG's), read along each frontier that reaches it", fontsize=10)
+            ax.scatter([1000 * at[1]], [at[0]], color=st["color"], marker=marker, s=45, edgecolors="black",
+                       linewidths=0.4)
+            ax.annotate(fam, (1000 * at[1], at[0]), fontsize=6, xytext=(4, 2), textcoords="offset points",
+                        color=st["color"])
+    ax.set_title("at equal FD, read along each frontier that reaches it: "
+                 + " and ".join(f"FD {fd:.2f} ({'circles' if m == 'o' else 'squares'})" for fd, m in targets),
+                 fontsize=9)
     ax.set_xlabel("wall time per image (ms, CPU, 1 thread)")
     ax.set_ylabel("class precision")
     ax.grid(alpha=0.3)
