@@ -46,7 +46,7 @@ class GFCGConfig:
 
     desired_class: int
     tau: float = 0.5
-    alpha: float = 4.0
+    alpha: float = 8.0
     beta: float = 1.0
     window_start: float = 0.0
     window_end: float = 1.0

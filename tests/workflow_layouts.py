@@ -96,7 +96,7 @@ LAYOUTS = {
         "- desired_class (GFCG Guider): the ImageNet class you want, now golden retriever; name it in the "
         "positive prompt too.",
         "- tau 0.5: samples the classifier is at least this sure of get no push; 0 turns GFCG off.",
-        "- alpha 4: the largest extra push, for samples the classifier doubts most; lower it if images break up.",
+        "- alpha 8: the largest extra push, for samples the classifier doubts most; lower it if images break up.",
         "- GFCG Combiner: mode additive (one more branch) or swap (CFG's cost); scale 7.5 is the CFG scale.",
     ]), _output_sizes({3: PROMPT, 4: PROMPT})),
     "sd15_gfcg_zero_shot": Layout([
@@ -109,7 +109,7 @@ LAYOUTS = {
         STARTS,
         "- class_list (Load Zero-Shot Classifier): your classes, one a line; commas add synonyms.",
         "- desired_class (GFCG Guider): one of them, now corgi; the runner-up is what GFCG pushes away from.",
-        "- tau 0.5 (0 = off) and alpha 4 (the largest extra push): with few classes p is high, so raise tau.",
+        "- tau 0.5 (0 = off) and alpha 8 (the largest extra push): with few classes p is high, so raise tau.",
         "- GFCG Combiner: mode additive or swap; scale 7.5 is the CFG scale.",
     ]), _output_sizes({3: (460, 480), 4: PROMPT, 5: PROMPT})),
     "edm2_img512_s_gfcg_autoguidance": Layout(_EDM2_COLUMNS, _edm2_note("EDM2-S", "XS", 2.1), _output_sizes()),
@@ -125,7 +125,7 @@ LAYOUTS = {
         "- desired_class (GFCG Guider) and class_name (the upper EDM2 Class Label): the class, now golden "
         "retriever; keep the two the same.",
         "- tau 0.5: samples the classifier is at least this sure of get no push; 0 turns GFCG off.",
-        "- alpha 4: the largest extra push for a confused sample.",
+        "- alpha 8: the largest extra push for a confused sample.",
         "- GFCG Combiner: mode additive or swap; keep the CFG scale low (1.5): the empty label is no trained "
         "unconditional branch.",
     ]), _output_sizes()),
@@ -167,7 +167,7 @@ LAYOUTS = {
         "- desired_class (GFCG Guider): the ImageNet class you want, now red fox; put it in both prompt "
         "boxes (text_g, text_l) and keep prompt_template the same prompt with {} for the class.",
         "- tau 0.5: samples the classifier is at least this sure of get no push; 0 turns GFCG off.",
-        "- alpha 4: the largest extra push, for samples the classifier doubts most; lower it if images break up.",
+        "- alpha 8: the largest extra push, for samples the classifier doubts most; lower it if images break up.",
         "- GFCG Combiner: mode additive (one more branch) or swap (CFG's cost); scale 7 is the CFG scale.",
     ]), {13: (340, 360), 15: (440, 320), 3: (380, 420), 4: (380, 420)}),
     "testbed_gfcg_ksampler_patch": Layout([
@@ -179,7 +179,7 @@ LAYOUTS = {
         STARTS,
         "- desired_class (GFCG Model Patch) and the positive EDM2 Class Label: the same testbed shape "
         "(6 = triangle up).",
-        "- tau 0.5 (0 = GFCG off) and alpha 4 (the largest extra push).",
+        "- tau 0.5 (0 = GFCG off) and alpha 8 (the largest extra push).",
         "- mode (Model Patch): additive or swap, with the KSampler's cfg 2; at cfg 1 GFCG runs alone.",
         "- The KSampler's sampler and scheduler: heun and karras are EDM2's.",
     ]), {10: (340, 360), 12: (440, 320)}),
@@ -197,7 +197,7 @@ LAYOUTS = {
         STARTS,
         "- desired_class (in both guiders) and class_name (EDM2 Class Label): the same testbed shape "
         "(6 = triangle up).",
-        "- GFCG Guider: tau 0.5 (0 = off) and alpha 4 (the largest extra push).",
+        "- GFCG Guider: tau 0.5 (0 = off) and alpha 8 (the largest extra push).",
         "- Classifier Guidance: scale 0.02 (the push per step; 0 = off), gamma 0.3.",
         "- Both samplers share one noise seed: the two Save Image nodes differ only by the guidance.",
     ]), {15: (340, 360), 16: (340, 360)}),
