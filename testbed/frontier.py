@@ -433,7 +433,9 @@ def markdown(res: dict) -> str:
                      f"{chk['classifier_rows']:.1f} classifier rows / image):")
         lines.append("")
         for c in chk["candidates"]:
-            flag = ("; **more precise at no worse FD**" if c["more_precise_at_no_worse_fd"] else "") + \
+            extra = c["classifier_rows"] / max(chk["classifier_rows"], 1e-9)
+            flag = ("; **more precise at no worse FD**" + (f" (at {extra:.1f}x the classifier rows)" if extra > 1.05 else "")
+                    if c["more_precise_at_no_worse_fd"] else "") + \
                    ("; **as precise at a lower FD, no more classifier work**" if c["lower_fd_at_same_precision"] else "")
             lines.append(f"- {c['point']}: {c['gain']:+.3f} [{c['lower99']:+.3f}, {c['upper99']:+.3f}], FD {c['fd']:.2f}, "
                          f"{c['classifier_rows']:.1f} rows{flag}")
@@ -445,12 +447,14 @@ def markdown(res: dict) -> str:
 
 
 def interpolate_at(rows: Sequence[dict], fd: float, key: str) -> Optional[Tuple[float, float]]:
-    """(precision, key) of a family where its frontier first crosses ``fd`` in knob order, else None."""
+    """(precision, key) of a family where its frontier first crosses ``fd`` in knob order, else None:
+    the precision interpolated, the cost ``key`` the larger of the two points' (a setting between
+    them costs what a guided setting costs: unguided w = 1 is cheaper than any w > 1)."""
     for a, b in zip(rows, rows[1:]):
         lo, hi = sorted((a["fd"], b["fd"]))
         if lo <= fd <= hi and hi > lo:
             t = (fd - a["fd"]) / (b["fd"] - a["fd"])
-            return ((1 - t) * a["class_precision"] + t * b["class_precision"], (1 - t) * a[key] + t * b[key])
+            return ((1 - t) * a["class_precision"] + t * b["class_precision"], max(a[key], b[key]))
     return None
 
 
