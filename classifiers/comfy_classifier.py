@@ -7,7 +7,6 @@ import os
 import torch
 
 import comfy.model_management as mm
-import comfy.model_patcher
 import folder_paths
 
 from ..common.comfy_folders import ensure_folder
@@ -61,8 +60,8 @@ def classifier_patcher_copy(classifier: ImageClassifier, disable_dynamic: bool =
     # ComfyUI's runtime objects (DynamicVRAM's pinned host buffers on the module) are never duplicated
     clone = plain_resident_copy(classifier, mm.unet_offload_device())
     if disable_dynamic:
-        patcher = comfy.model_patcher.ModelPatcher(clone, load_device=mm.get_torch_device(),
-                                                   offload_device=mm.unet_offload_device())
+        patcher = patcher_class(disable_dynamic=True)(clone, load_device=mm.get_torch_device(),
+                                                      offload_device=mm.unet_offload_device())
         patcher.cached_patcher_init = (classifier_patcher_copy, (classifier,))
         return patcher
     return classifier_patcher(clone)

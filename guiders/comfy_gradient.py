@@ -86,8 +86,9 @@ class ClassifierGuidanceGuider(comfy.samplers.CFGGuider):
         dev = self.classifier.patcher.load_device
         run = [self.model_patcher, *getattr(self, "loaded_models", [])]
         reserve_memory(copy_bytes(self.classifier.classifier), dev, run)
-        if self.decoder.gradient_bytes():
-            reserve_memory(self.decoder.gradient_bytes(), self.decoder.vae.device, run)
+        decoder_bytes = self.decoder.gradient_bytes()
+        if decoder_bytes:
+            reserve_memory(decoder_bytes, self.decoder.vae.device, run)
         self._grad_classifier, _ = softplus_copy(self.classifier.classifier, self.config.softplus_beta, dev)
         self.decoder.prepare_gradients()
         self._reported = 0

@@ -87,23 +87,23 @@ class Point:
         return hashlib.sha256(json.dumps(self.config(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-# family -> its knob, its base family (what it is compared with at equal FD) and its plot style
+# family -> its knob and its plot style (the bases each is compared with at equal FD: ANSWERS)
 FAMILIES: Dict[str, dict] = {
-    "CFG": {"knob": "w", "base": None, "color": "tab:gray", "style": "--"},
-    "ATG": {"knob": "w", "base": None, "color": "black", "style": "--"},
-    "GFCG": {"knob": "alpha", "base": "CFG", "color": "tab:blue", "style": "-"},
-    "GFCG (period 2, settle 4)": {"knob": "alpha", "base": "CFG", "color": "tab:cyan", "style": ":"},
-    "GFCG+CFG additive": {"knob": "alpha", "base": "CFG", "color": "tab:green", "style": "-"},
-    "GFCG+CFG swap": {"knob": "alpha", "base": "CFG", "color": "tab:olive", "style": ":"},
-    "GFCG+ATG swap sum, every step": {"knob": "alpha", "base": "ATG", "color": "tab:red", "style": ":"},
-    "GFCG+ATG swap sum, shipped schedule": {"knob": "alpha", "base": "ATG", "color": "tab:red", "style": "-"},
-    "GFCG+ATG swap max": {"knob": "alpha", "base": "ATG", "color": "tab:pink", "style": ":"},
-    "GFCG+ATG swap max, shipped schedule": {"knob": "alpha", "base": "ATG", "color": "tab:pink", "style": "-"},
-    "GFCG+ATG swap omega": {"knob": "alpha", "base": "ATG", "color": "tab:brown", "style": ":"},
-    "GFCG+ATG swap base": {"knob": "tau", "base": "ATG", "color": "tab:purple", "style": ":"},
-    "CG (EluCD)": {"knob": "s", "base": "CFG", "color": "tab:orange", "style": "-"},
-    "CG+CFG": {"knob": "s", "base": "CFG", "color": "gold", "style": ":"},
-    "CG+ATG": {"knob": "s", "base": "ATG", "color": "peru", "style": ":"},
+    "CFG": {"knob": "w", "color": "tab:gray", "style": "--"},
+    "ATG": {"knob": "w", "color": "black", "style": "--"},
+    "GFCG": {"knob": "alpha", "color": "tab:blue", "style": "-"},
+    "GFCG (period 2, settle 4)": {"knob": "alpha", "color": "tab:cyan", "style": ":"},
+    "GFCG+CFG additive": {"knob": "alpha", "color": "tab:green", "style": "-"},
+    "GFCG+CFG swap": {"knob": "alpha", "color": "tab:olive", "style": ":"},
+    "GFCG+ATG swap sum, every step": {"knob": "alpha", "color": "tab:red", "style": ":"},
+    "GFCG+ATG swap sum, shipped schedule": {"knob": "alpha", "color": "tab:red", "style": "-"},
+    "GFCG+ATG swap max": {"knob": "alpha", "color": "tab:pink", "style": ":"},
+    "GFCG+ATG swap max, shipped schedule": {"knob": "alpha", "color": "tab:pink", "style": "-"},
+    "GFCG+ATG swap omega": {"knob": "alpha", "color": "tab:brown", "style": ":"},
+    "GFCG+ATG swap base": {"knob": "tau", "color": "tab:purple", "style": ":"},
+    "CG (EluCD)": {"knob": "s", "color": "tab:orange", "style": "-"},
+    "CG+CFG": {"knob": "s", "color": "gold", "style": ":"},
+    "CG+ATG": {"knob": "s", "color": "peru", "style": ":"},
 }
 
 # the four questions: (GFCG family, base family); then gradient guidance on the same bases
