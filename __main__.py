@@ -67,6 +67,17 @@ def perf(args) -> int:
         print(_write(args.out, "perf_memory", res, M.markdown(res)))
         print(f"wrote perf_memory.json and perf_memory.md to {args.out}")
         return 0
+    if args.latent and args.host_reads:
+        from .testbed import perf_latent as L
+        from .testbed import perf_syncs as S
+
+        tiny = "tiny" if args.tiny else None
+        cfg = L.LatentPerfConfig(batch=args.batch, steps=args.latent_steps, reps=1, comfyui=args.comfyui,
+                                 main=tiny or "s", guide=tiny or "xs")
+        res = S.run(cfg, progress=lambda line: print(line, file=sys.stderr, flush=True))
+        print(_write(args.out, "host_reads", res, S.markdown(res)))
+        print(f"wrote host_reads.json and host_reads.md to {args.out}")
+        return 0
     if args.latent:
         from .testbed import perf_latent as L
 
@@ -243,6 +254,12 @@ def main(argv=None) -> int:
     b.add_argument("--memory-study", action="store_true", help="--perf: where the extra CPU memory of varying "
                    "row counts goes (oneDNN's cache) and what each remedy costs: default, cache off, padded row "
                    "buckets; perf_memory.md")
+    b.add_argument("--host-reads", action="store_true", help="--perf --latent: count each row's host "
+                   "synchronisations instead of timing it (CUDA's sync debug mode on a GPU, the host reads a GPU "
+                   "would make on the CPU), by the line that made them; host_reads.md")
+    b.add_argument("--tiny", action="store_true", help="--perf --latent --host-reads: tiny EDM2 networks (the "
+                   "count does not depend on their size)")
+    b.add_argument("--batch", type=int, default=4, help="--perf --latent --host-reads: images per run")
     b.add_argument("--latent-steps", type=int, default=4, help="--perf --latent: Heun steps run, of the shipped "
                    "32-step schedule")
     b.add_argument("--n", type=int, default=64, help="--perf: images per run (one batch)")

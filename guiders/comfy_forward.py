@@ -20,7 +20,18 @@ from .callconv import call_with_supported, supported_kwargs
 log = logging.getLogger("comfyui_gfcg")
 
 
-def _rows_of_cond(c, rows: Optional[torch.Tensor], batch: int):
+def _index_on(rows: torch.Tensor, device, host_rows: Optional[List[int]] = None) -> torch.Tensor:
+    """``rows`` as an index on ``device``: for a tensor on the host (e.g. a cond ComfyUI keeps on the
+    CPU until the forward) made from ``host_rows`` where the caller knows them, since copying device
+    rows to the host would make the host wait for the device."""
+    if rows.device == torch.device(device):
+        return rows
+    if host_rows is not None and torch.device(device).type == "cpu":
+        return torch.tensor(host_rows, dtype=torch.long)
+    return rows.to(device)
+
+
+def _rows_of_cond(c, rows: Optional[torch.Tensor], batch: int, host_rows: Optional[List[int]] = None):
     """A processed model cond (comfy.conds.CONDxxx) for ``rows`` of a ``batch``-sized evaluation:
     per-sample tensors are indexed, not truncated (``repeat_to_batch_size`` would take the first rows)."""
     p = c.process_cond(batch_size=batch, area=None)
@@ -28,9 +39,9 @@ def _rows_of_cond(c, rows: Optional[torch.Tensor], batch: int):
         return p
     v = p.cond
     if torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == batch:
-        return p._copy_with(v[rows.to(v.device)])
+        return p._copy_with(v[_index_on(rows, v.device, host_rows)])
     if isinstance(v, list) and all(torch.is_tensor(t) and t.shape[0] == batch for t in v):
-        return p._copy_with([t[rows.to(t.device)] for t in v])
+        return p._copy_with([t[_index_on(rows, t.device, host_rows)] for t in v])
     return p
 
 
@@ -74,18 +85,21 @@ def _fusable(model, entries, t, model_options) -> bool:
 
 
 def batched_forward(model, entries: Sequence[Tuple[list, Optional[torch.Tensor], int]], x: torch.Tensor,
-                    t: torch.Tensor, model_options: dict) -> List[torch.Tensor]:
+                    t: torch.Tensor, model_options: dict,
+                    host_rows: Optional[Sequence[Optional[List[int]]]] = None) -> List[torch.Tensor]:
     """Denoised predictions for ``entries`` = [(cond_list, rows or None, cond_or_uncond)], each on
-    ``x[rows]``. One model forward when the conds allow it, else ComfyUI's ``calc_cond_batch``: the
+    ``x[rows]`` (``host_rows``: the entries' rows as lists where the caller knows them, which saves
+    copying device rows to the host for conds that live there). One model forward when the conds allow it, else ComfyUI's ``calc_cond_batch``: the
     whole-batch entries, and the row subsets that cannot be sliced (:func:`_sliceable`, whose rows are
     then kept from a whole-batch result), in calls shaped as CFGGuider's (at most one cond at index 0
     and one uncond at index 1, so a negative is marked uncond); then one call per sliceable subset."""
     b = x.shape[0]
+    host = list(host_rows) if host_rows is not None else [None] * len(entries)
     sizes = [b if rows is None else int(rows.numel()) for _, rows, _ in entries]
     if len(entries) > 1 and _fusable(model, entries, t, model_options):
         shape = [sum(sizes)] + list(x.shape[1:])
         if _memory_required(model, shape, entries) * 1.5 < _free_memory(model, x.device):
-            return _fused(model, entries, sizes, x, t, model_options)
+            return _fused(model, entries, sizes, x, t, model_options, host)
     outs: List[Optional[torch.Tensor]] = [None] * len(entries)
     full = [i for i, (c, rows, _) in enumerate(entries) if rows is None or not _sliceable(c, model_options)]
     while full:
@@ -97,10 +111,10 @@ def batched_forward(model, entries: Sequence[Tuple[list, Optional[torch.Tensor],
             model, [entries[slot[w]][0] if w in slot else None for w in range(max(slot) + 1)], x, t, model_options)
         for w, i in slot.items():
             rows = entries[i][1]
-            outs[i] = res[w] if rows is None else res[w][rows.to(res[w].device)]
+            outs[i] = res[w] if rows is None else res[w][_index_on(rows, res[w].device, host[i])]
     for i, (cond_list, rows, which) in enumerate(entries):
         if outs[i] is None:
-            sub = [_slice_cond_entry(c, rows, b) for c in cond_list]
+            sub = [_slice_cond_entry(c, rows, b, host[i]) for c in cond_list]
             outs[i] = comfy.samplers.calc_cond_batch(model, [None] * which + [sub], x[rows], t[rows],
                                                      model_options)[which]
     return outs
@@ -165,23 +179,23 @@ def _memory_required(model, shape, entries) -> float:
     return model.memory_required(shape, **kw)
 
 
-def _slice_cond_entry(c: dict, rows: torch.Tensor, batch: int) -> dict:
+def _slice_cond_entry(c: dict, rows: torch.Tensor, batch: int, host_rows: Optional[List[int]] = None) -> dict:
     out = dict(c)
-    out["model_conds"] = {k: _rows_of_cond(v, rows, batch) for k, v in c["model_conds"].items()}
+    out["model_conds"] = {k: _rows_of_cond(v, rows, batch, host_rows) for k, v in c["model_conds"].items()}
     m = c.get("mask")
     if torch.is_tensor(m) and m.shape[0] == batch and batch > 1:
-        out["mask"] = m[rows.to(m.device)]
+        out["mask"] = m[_index_on(rows, m.device, host_rows)]
     return out
 
 
-def _fused(model, entries, sizes, x, t, model_options) -> List[torch.Tensor]:
+def _fused(model, entries, sizes, x, t, model_options, host) -> List[torch.Tensor]:
     b = x.shape[0]
     inputs, conds, ts, cou, uuids = [], [], [], [], []
-    for (cond_list, rows, which), n in zip(entries, sizes):
+    for (cond_list, rows, which), n, hr in zip(entries, sizes, host):
         c = cond_list[0]
         inputs.append(x if rows is None else x[rows])
         ts.append(t if rows is None else t[rows])
-        conds.append({k: _rows_of_cond(v, rows, b) for k, v in c["model_conds"].items()})
+        conds.append({k: _rows_of_cond(v, rows, b, hr) for k, v in c["model_conds"].items()})
         cou.append(which)
         uuids.append(c.get("uuid"))
     call_with_supported(model.current_patcher.prepare_state, t, model_options=model_options)

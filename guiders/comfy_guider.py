@@ -37,6 +37,14 @@ from .references import TextReference
 log = logging.getLogger("comfyui_gfcg")
 
 
+def _groups_of(classes: torch.Tensor) -> list:
+    """A reference branch's rows by class, classes ascending: (class, positions in the branch on the
+    device, None), from one host read (for branches that do not carry their decision's groups)."""
+    order = torch.argsort(classes, stable=True)
+    ks, ns = torch.stack(torch.unique_consecutive(classes[order], return_counts=True)).tolist()   # the one read
+    return [(k, sel, None) for k, sel in zip(ks, order.split(ns))]
+
+
 # the arguments of CFGGuider.inner_sample that every supported ComfyUI passes (v0.3.64's list)
 _INNER_SAMPLE_ARGS = ("noise", "latent_image", "device", "sampler", "sigmas", "denoise_mask", "callback",
                       "disable_pbar", "seed")
@@ -98,6 +106,7 @@ class GFCGGuider(comfy.samplers.CFGGuider):
                         self.reference, combine, mode)
         self.decoder = PixelDecoder(vae, decode, decode_resolution, classifier.classifier.resize_size)
         self.guide_patcher = guide_patcher
+        self._warned_nonfinite, self._pixels_finite = False, None
         self.cfg = float(scale) if combine == "cfg" else 1.0
         self.set_conds(positive, negative if combine == "cfg" else None)
 
@@ -171,20 +180,20 @@ class GFCGGuider(comfy.samplers.CFGGuider):
 
     def _evaluate(self, which: str, model, conds: Dict[str, list], x, t, model_options,
                   branches: List[Branch]) -> List[torch.Tensor]:
-        entries, slots = [], []
+        entries, slots, host = [], [], []
         for bi, br in enumerate(branches):
             if br.cond != "reference":
                 entries.append((conds[br.cond], br.rows, 1 if br.cond == "negative" else 0))
                 slots.append((bi, None))
+                host.append(br.host_rows)
                 continue
-            # one entry per reference class; one host read (the classes and their counts)
-            order = torch.argsort(br.classes, stable=True)
-            classes, counts = torch.unique_consecutive(br.classes[order], return_counts=True)
-            ks, ns = torch.stack((classes, counts.to(classes.dtype))).tolist()   # the one host read
-            for k, sel in zip(ks, order.split(ns)):
+            # one entry per reference class: from the decision's groups (read with the decision), else one read
+            groups = br.groups if br.groups is not None else _groups_of(br.classes)
+            for k, sel, sel_host in groups:
                 entries.append((self._reference_cond(which, k), br.rows[sel], 0))
                 slots.append((bi, sel))
-        outs = batched_forward(model, entries, x, t, model_options)
+                host.append(None if br.host_rows is None or sel_host is None else [br.host_rows[i] for i in sel_host])
+        outs = batched_forward(model, entries, x, t, model_options, host_rows=host)
         result: List[Optional[torch.Tensor]] = [None] * len(branches)
         for (bi, sel), o in zip(slots, outs):
             if sel is None:
@@ -197,13 +206,25 @@ class GFCGGuider(comfy.samplers.CFGGuider):
 
     def _classify(self, x0: torch.Tensor) -> torch.Tensor:
         pixels = self.decoder(self.inner_model, x0)
-        if not getattr(self, "_warned_nonfinite", False) and not bool(torch.isfinite(pixels).all()):
-            self._warned_nonfinite = True   # p_des is then NaN and those samples count as confident
+        if not self._warned_nonfinite:   # kept on the device; read only if the decision shows a NaN
+            self._pixels_finite = torch.isfinite(pixels).all()
+        return classify(self.classifier, pixels)
+
+    def _warn_nonfinite(self) -> None:
+        """Once per guider, where the newest decision holds a NaN p_des (those samples count as
+        confident and get no guidance): say whether the decode or the classifier made it."""
+        if self._warned_nonfinite or not self.engine.trace or \
+                all(p == p for p in self.engine.trace[-1].p_des):   # NaN != NaN
+            return
+        self._warned_nonfinite = True
+        if self._pixels_finite is not None and not bool(self._pixels_finite):
             log.warning("decode: the %s decode of the denoised estimate holds NaN or infinite pixels, so the "
                         "classifier cannot judge those samples and GFCG leaves them alone; the decoder may be "
                         "broken (e.g. a half-written TAESD or VAE file) or overflow in fp16: try another decode "
                         "or VAE", self.decoder.method)
-        return classify(self.classifier, pixels)
+        else:
+            log.warning("classifier: its output for the denoised estimate holds NaN, so GFCG leaves those samples "
+                        "alone; a classifier in half precision may overflow: try weight_dtype fp32 or bf16")
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
         conds = self.conds
@@ -222,6 +243,7 @@ class GFCGGuider(comfy.samplers.CFGGuider):
         res = self.engine.denoise(x, float(timestep.flatten()[0]), main, self._classify,
                                   guide if self.guide_patcher is not None else None, pre_cfg,
                                   comfy_cfg_function(self.inner_model, model_options, positive, negative, x, timestep))
+        self._warn_nonfinite()
         self._reported = report_trace(self.engine, self.classifier.class_names, self.engine.config.tau,
                                       self._reported)
         return post_cfg_hooks(model_options, res, positive, negative, res.scale, timestep, x, self.inner_model)

@@ -40,12 +40,9 @@ def gfcg_scale(p_des: torch.Tensor, tau: float, alpha: float, beta: float) -> to
 
     0 extra guidance at the threshold, growing to alpha as p_des -> 0 (beta shapes the ramp).
     """
-    omega = torch.ones_like(p_des, dtype=torch.float32)
     conf = confused_mask(p_des, tau)
-    if conf.any():
-        ratio = (1.0 - p_des[conf].float() / tau).clamp(min=0.0)
-        omega[conf] = 1.0 + alpha * ratio.pow(beta)
-    return omega
+    ratio = (1.0 - p_des.float() / tau).clamp(min=0.0) if tau > 0 else torch.zeros_like(p_des, dtype=torch.float32)
+    return torch.where(conf, 1.0 + alpha * ratio.pow(beta), torch.ones_like(ratio))   # no host read
 
 
 def deterministic_reference(probs: torch.Tensor, desired: torch.Tensor) -> torch.Tensor:
@@ -71,7 +68,11 @@ def stochastic_reference(probs: torch.Tensor, desired: torch.Tensor,
 
 @dataclass
 class Decision:
-    """One classifier decision for a batch: per-sample scale, reference class and the p_des seen."""
+    """One classifier decision for a batch: per-sample scale, reference class and the p_des seen.
+
+    Everything the host needs of a decision (which rows are confused, their reference classes, the
+    values the trace shows) comes from ONE read of the device (:meth:`host`), made at its first use
+    and kept: a decision is not changed once it is used."""
 
     omega: torch.Tensor       # [B] float32, 1 for confident samples
     reference: torch.Tensor   # [B] long, meaningful where ``confused``
@@ -80,24 +81,36 @@ class Decision:
 
     @classmethod
     def neutral(cls, batch: int, device=None) -> "Decision":
-        """No guidance for anybody (outside the window, or before the first decision)."""
-        return cls(omega=torch.ones(batch, device=device), reference=torch.zeros(batch, dtype=torch.long, device=device),
-                   confused=torch.zeros(batch, dtype=torch.bool, device=device), p_des=torch.ones(batch, device=device))
+        """No guidance for anybody (outside the window, or before the first decision); known on the
+        host without a read."""
+        d = cls(omega=torch.ones(batch, device=device), reference=torch.zeros(batch, dtype=torch.long, device=device),
+                confused=torch.zeros(batch, dtype=torch.bool, device=device), p_des=torch.ones(batch, device=device))
+        d.__dict__["_host"] = ([1.0] * batch, [1.0] * batch, [-1] * batch)
+        d.__dict__["_split"] = (torch.zeros(0, dtype=torch.long, device=device), torch.arange(batch, device=device))
+        return d
+
+    def host(self) -> Tuple[List[float], List[float], List[int]]:
+        """(p_des, omega, reference or -1 where confident) as Python lists: the decision's one host read."""
+        cached = self.__dict__.get("_host")
+        if cached is None:
+            ref = torch.where(self.confused, self.reference, torch.full_like(self.reference, -1))
+            p, w, r = torch.stack((self.p_des.float(), self.omega.float(), ref.float())).tolist()
+            cached = self.__dict__["_host"] = (p, w, [int(v) for v in r])
+        return cached
 
     def _rows(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(confused rows, confident rows), ascending, on ``confused``'s device, from ONE host read
-        (the count; a stable sort puts the confused rows first), kept for every later use of this
-        decision. A decision is not changed once it is used."""
+        """(confused rows, confident rows), ascending, on ``confused``'s device: a stable sort puts the
+        confused rows first and the host knows how many (:meth:`host`), so no further read."""
         cached = self.__dict__.get("_split")
         if cached is None:
             order = torch.argsort((~self.confused).to(torch.uint8), stable=True)
-            n = int(self.confused.sum())
+            n = len(self.confused_rows_host)
             cached = self.__dict__["_split"] = (order[:n], order[n:])
         return cached
 
     @property
     def any_confused(self) -> bool:
-        return self._rows()[0].numel() > 0
+        return bool(self.confused_rows_host)
 
     @property
     def confused_rows(self) -> torch.Tensor:
@@ -106,6 +119,39 @@ class Decision:
     @property
     def confident_rows(self) -> torch.Tensor:
         return self._rows()[1]
+
+    @property
+    def confused_rows_host(self) -> List[int]:
+        """The confused rows, ascending, as a Python list (what :attr:`confused_rows` holds)."""
+        return [i for i, r in enumerate(self.host()[2]) if r >= 0]
+
+    @property
+    def confident_rows_host(self) -> List[int]:
+        return [i for i, r in enumerate(self.host()[2]) if r < 0]
+
+    def reference_groups(self) -> List[Tuple[int, torch.Tensor, List[int]]]:
+        """The confused rows grouped by reference class, classes ascending: (class, positions within
+        :attr:`confused_rows` on the device, the same positions on the host). Made once, without a
+        further read (a stable sort on the device, the group sizes from :meth:`host`)."""
+        cached = self.__dict__.get("_groups")
+        if cached is None:
+            ref = self.host()[2]
+            classes = [ref[i] for i in self.confused_rows_host]
+            host_order = sorted(range(len(classes)), key=classes.__getitem__)   # stable, as the device's sort
+            ks, sizes = [], []
+            for pos in host_order:
+                if ks and ks[-1] == classes[pos]:
+                    sizes[-1] += 1
+                else:
+                    ks.append(classes[pos])
+                    sizes.append(1)
+            order = torch.argsort(self.reference[self.confused_rows], stable=True) if classes else None
+            cached, start = [], 0
+            for k, n, sel in zip(ks, sizes, order.split(sizes) if classes else ()):
+                cached.append((k, sel, host_order[start:start + n]))
+                start += n
+            self.__dict__["_groups"] = cached
+        return cached
 
 
 def decide(probs: torch.Tensor, desired: torch.Tensor, tau: float, alpha: float, beta: float,
@@ -125,15 +171,14 @@ def decide(probs: torch.Tensor, desired: torch.Tensor, tau: float, alpha: float,
     confused = confused_mask(p_des, tau)
     omega = gfcg_scale(p_des, tau, alpha, beta)
     reference = torch.zeros_like(desired)
-    if confused.any():
-        if mode == "fixed":
-            if fixed_reference is None:
-                raise ValueError("reference mode 'fixed' needs a fixed reference class")
-            reference[confused] = int(fixed_reference)
-        elif mode == "stochastic":
-            reference[confused] = stochastic_reference(probs[confused], desired[confused], generator)
-        else:
-            reference[confused] = deterministic_reference(probs[confused], desired[confused])
+    if mode == "fixed":
+        if fixed_reference is None:
+            raise ValueError("reference mode 'fixed' needs a fixed reference class")
+        reference = torch.where(confused, torch.full_like(desired, int(fixed_reference)), reference)
+    elif mode == "deterministic":   # per row, so computed on every row and kept where confused: no host read
+        reference = torch.where(confused, deterministic_reference(probs, desired), reference)
+    elif confused.any():            # stochastic: the draws are made for the confused rows only (one read)
+        reference[confused] = stochastic_reference(probs[confused], desired[confused], generator)
     return Decision(omega=omega, reference=reference, confused=confused, p_des=p_des)
 
 

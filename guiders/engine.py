@@ -26,7 +26,7 @@ evaluation is one forward per model.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, List, Mapping, Optional, Sequence
+from typing import Callable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -51,11 +51,16 @@ def resolve_mode(combine: str, mode: str) -> str:
 @dataclass
 class Branch:
     """One requested prediction: ``cond`` in {"positive", "negative", "reference"} on ``rows``
-    (None = the whole batch); for "reference", ``classes`` gives each row's class."""
+    (None = the whole batch); for "reference", ``classes`` gives each row's class. A decision's
+    branches also carry what the host knows of them (so that evaluating them reads nothing from the
+    device): ``host_rows``, the same rows as a list, and for "reference" ``groups``, the rows by
+    class (``Decision.reference_groups``: class, positions within ``rows`` on the device and on the host)."""
 
     cond: str
     rows: Optional[torch.Tensor] = None
     classes: Optional[torch.Tensor] = None
+    host_rows: Optional[List[int]] = None
+    groups: Optional[List[Tuple[int, torch.Tensor, List[int]]]] = None
 
 
 Evaluate = Callable[[List[Branch]], List[torch.Tensor]]
@@ -95,6 +100,7 @@ class GFCGEngine:
     _seed: int = field(default=0, init=False)
     _previous: Optional[torch.Tensor] = field(default=None, init=False)
     _streak: Optional[torch.Tensor] = field(default=None, init=False)   # [B] consecutive confident decisions
+    _streak_host: Optional[List[int]] = field(default=None, init=False)  # the same, on the host
     _last_p: Optional[torch.Tensor] = field(default=None, init=False)   # [B] the p_des last seen per row
 
     def __post_init__(self):
@@ -119,6 +125,7 @@ class GFCGEngine:
         self._generator = None
         self._previous = None
         self._streak = None
+        self._streak_host = None
         self._last_p = None
 
     @property
@@ -131,28 +138,34 @@ class GFCGEngine:
             self._generator.manual_seed(self._seed)
         return self._generator
 
-    def _settled(self, batch: int) -> Optional[torch.Tensor]:
-        """[B] bool: rows confident on ``settle_after`` consecutive classifier steps (their decision,
-        no guidance, stands and they are not classified again); None when settling is off."""
+    def _in_play(self, batch: int) -> Optional[torch.Tensor]:
+        """The rows still classified, ascending, on the device, or None for all of them: a row confident
+        on ``settle_after`` consecutive classifier steps is settled (its decision, no guidance, stands
+        and it is not classified again). Known on the host (the streaks are kept there too), so
+        choosing the rows reads nothing from the device."""
         k = self.config.settle_after
-        if k <= 0 or self._streak is None or self._streak.shape[0] != batch:
+        if k <= 0 or self._streak_host is None or len(self._streak_host) != batch:
             return None
-        return self._streak >= k
+        n_settled = sum(s >= k for s in self._streak_host)
+        if not n_settled:
+            return None
+        return torch.argsort((self._streak >= k).to(torch.uint8), stable=True)[:batch - n_settled]
 
     def _classify_and_decide(self, step: int, sigma: float, x0: torch.Tensor,
                              classify: Callable[[torch.Tensor], torch.Tensor]) -> core.Decision:
         """Classify ``x0`` (only the rows still in play when settling is on) and decide."""
         b = x0.shape[0]
-        settled = self._settled(b)
-        if settled is None or not bool(settled.any()):
+        rows = self._in_play(b)
+        if rows is None:
             d = self._decide(step, sigma, classify(x0), b)
         else:
-            rows = (~settled).nonzero().squeeze(1)
             d = self._decide(step, sigma, classify(x0[rows]) if rows.numel() else None, b, rows)
         if self.config.settle_after > 0:
-            prev = self._streak if self._streak is not None and self._streak.shape[0] == b else \
-                torch.zeros(b, dtype=torch.long, device=d.confused.device)
+            same = self._streak is not None and self._streak.shape[0] == b
+            prev = self._streak if same else torch.zeros(b, dtype=torch.long, device=d.confused.device)
+            prev_host = self._streak_host if same else [0] * b
             self._streak = torch.where(d.confused, torch.zeros_like(prev), prev + 1)
+            self._streak_host = [0 if r >= 0 else s + 1 for s, r in zip(prev_host, d.host()[2])]
         return d
 
     def _decide(self, step: int, sigma: float, logits: Optional[torch.Tensor], batch: int,
@@ -182,7 +195,8 @@ class GFCGEngine:
             d = core.decide(probs, desired, c.tau, c.alpha, c.beta, c.reference_mode, c.fixed_reference, gen)
         if rows is not None:   # settled rows: confident, their last p_des kept for the trace
             device = d.omega.device if d is not None else self._streak.device
-            full = core.Decision.neutral(batch, device=device)
+            n = core.Decision.neutral(batch, device=device)
+            full = core.Decision(n.omega, n.reference, n.confused, n.p_des)   # filled in below: not known on the host
             if self._last_p is not None:
                 full.p_des = self._last_p.to(device).clone()
             if d is not None:
@@ -191,8 +205,8 @@ class GFCGEngine:
             d = full
         self._last_p = d.p_des
         self.schedule.record(step, d)
-        self.trace.append(TraceEntry(step, sigma, d.p_des.tolist(), d.omega.tolist(),
-                                     torch.where(d.confused, d.reference, -1).tolist()))
+        p_des, omega, reference = d.host()          # the decision's one host read
+        self.trace.append(TraceEntry(step, sigma, p_des, omega, reference))
         return d
 
     # ---------------------------------------------------------------- one evaluation
@@ -251,8 +265,8 @@ class GFCGEngine:
         if self.combine == "atg":
             if self.mode == "swap" and decision.any_confused:
                 conf, rest = decision.confused_rows, decision.confident_rows
-                gre = [Branch("positive", rows=rest)] if rest.numel() else []
-                gre.append(Branch("reference", rows=conf, classes=decision.reference[conf]))
+                gre = [Branch("positive", rows=rest, host_rows=decision.confident_rows_host)] if rest.numel() else []
+                gre.append(self._reference_branch(decision))
                 gout = evaluate_guide(gre)
                 guide = d1.new_empty(d1.shape)
                 if rest.numel():
@@ -272,11 +286,13 @@ class GFCGEngine:
         if not (swap and decision.any_confused):
             return [Branch("negative")]
         rest = decision.confident_rows
-        return [Branch("negative", rows=rest)] if rest.numel() else []
+        return [Branch("negative", rows=rest, host_rows=decision.confident_rows_host)] if rest.numel() else []
 
-    def _reference_branch(self, decision: core.Decision) -> Branch:
+    @staticmethod
+    def _reference_branch(decision: core.Decision) -> Branch:
         rows = decision.confused_rows
-        return Branch("reference", rows=rows, classes=decision.reference[rows])
+        return Branch("reference", rows=rows, classes=decision.reference[rows], host_rows=decision.confused_rows_host,
+                      groups=decision.reference_groups())
 
     @staticmethod
     def _cfg(cfg_fn: Optional[CFGFunction], d1: torch.Tensor, d_neg: Optional[torch.Tensor], w) -> torch.Tensor:

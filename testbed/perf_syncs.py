@@ -1,40 +1,29 @@
-"""Host synchronisations per sampling step on a CUDA device, per row of ``bench --perf --latent``.
+"""Host synchronisations per sampling step, per row of ``bench --perf --latent``.
 
-torch's sync debug mode (``torch.cuda.set_sync_debug_mode("warn")``) warns on every operation that
-makes the host wait for the GPU (``.item()``, ``bool(tensor)``, a copy to the CPU, ``nonzero``...).
-The warnings are counted per row and grouped by the Python line that caused them, with the line's
-owner (the pack, ComfyUI, torch), so a row's extra syncs over ATG's can be read off and traced. Run
-on a GPU machine only (on the CPU there is nothing to count): ``run(LatentPerfConfig(...))``.
+On a CUDA device torch's sync debug mode (``torch.cuda.set_sync_debug_mode("warn")``) warns on every
+operation that makes the host wait for the GPU; elsewhere (the CPU, CI) :class:`.host_reads.HostReads`
+counts the operations that would (``--host-reads``). Either way the count is per row and grouped by the
+Python line that caused it, with the line's owner (the pack, ComfyUI, torch), so a row's extra
+synchronisations over ATG's can be read off and traced. The count does not depend on the networks'
+size, so on the CPU the setting's EDM2 networks may be the tiny ones (``main = guide = "tiny"``).
+
+The CPU count sees host reads and tensors made from Python data (uploads), not copies between two
+devices (``.to(device)``), which a CPU-only run cannot tell apart from no-ops.
 """
 from __future__ import annotations
 
 import collections
-import os
+import dataclasses
 import warnings
 from typing import Dict
 
 import torch
 
+from .host_reads import HostReads, owner
 from .perf_latent import ROWS, LatentPerfConfig, build, restore_folders, run_row
 
-PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def owner(filename: str) -> str:
-    """'pack' | 'comfyui' | 'torch' | 'other' for a source file."""
-    path = os.path.abspath(filename)
-    if path.startswith(PACK_ROOT + os.sep):
-        return "pack"
-    if f"{os.sep}torch{os.sep}" in path:
-        return "torch"
-    if f"{os.sep}comfy" in path:
-        return "comfyui"
-    return "other"
-
-
-def count_row(env, label: str, cfg: LatentPerfConfig) -> Dict:
-    """One sampling run of ``label`` with the sync debug mode on: syncs in all, per step, by owner,
-    and the ten lines that synchronised most (``file:line`` -> count)."""
+def _cuda_count(env, label: str, cfg: LatentPerfConfig) -> Dict:
     lines: collections.Counter = collections.Counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -46,20 +35,39 @@ def count_row(env, label: str, cfg: LatentPerfConfig) -> Dict:
     for w in caught:
         if "synchroniz" in str(w.message):
             lines[(w.filename, w.lineno)] += 1
+    return {"r": r, "lines": lines, "uploads": None}
+
+
+def _cpu_count(env, label: str, cfg: LatentPerfConfig) -> Dict:
+    with HostReads() as h:
+        r = run_row(env, label, cfg)
+    return {"r": r, "lines": h.lines, "uploads": h.uploads}
+
+
+def count_row(env, label: str, cfg: LatentPerfConfig) -> Dict:
+    """One sampling run of ``label``, its synchronisations counted (on CUDA where the models are there,
+    else on the CPU): in all, per step, by owner, and the ten lines that synchronised most (``file:line``
+    -> count); on the CPU also the uploads, apart."""
+    cuda = torch.cuda.is_available() and env["main"].load_device.type == "cuda"
+    got = (_cuda_count if cuda else _cpu_count)(env, label, cfg)
+    lines, r = got["lines"], got["r"]
     by_owner: collections.Counter = collections.Counter()
     for (f, _), n in lines.items():
         by_owner[owner(f)] += n
     total = sum(lines.values())
-    return {"row": label, "syncs": total, "syncs_per_step": total / cfg.steps, "by_owner": dict(by_owner),
-            "top": {f"{os.path.relpath(f, PACK_ROOT) if owner(f) == 'pack' else os.path.basename(f)}:{ln}": n
-                    for (f, ln), n in lines.most_common(10)},
-            "nfe": r["nfe"], "classifier_rows_per_image": r["classifier_rows_per_image"]}
+    view = HostReads()
+    view.lines = lines
+    row = {"row": label, "counted": "cuda sync debug mode" if cuda else "cpu host reads", "syncs": total,
+           "syncs_per_step": total / cfg.steps, "by_owner": dict(by_owner), "top": view.top(10),
+           "nfe": r["nfe"], "classifier_rows_per_image": r["classifier_rows_per_image"]}
+    if got["uploads"] is not None:
+        view.lines = got["uploads"]
+        row.update(uploads=sum(got["uploads"].values()), top_uploads=view.top(5))
+    return row
 
 
 def run(cfg: LatentPerfConfig, progress=print) -> Dict:
-    """Every row of the latent perf table once (after a one-step warm-up), sync-counted."""
-    if not torch.cuda.is_available():
-        raise RuntimeError("perf_syncs counts CUDA host synchronisations; this machine has no CUDA device")
+    """Every row of the latent perf table once (after a one-step warm-up), its synchronisations counted."""
     env = build(cfg)
     rows = []
     try:
@@ -70,4 +78,20 @@ def run(cfg: LatentPerfConfig, progress=print) -> Dict:
             progress(f"syncs {label:<48} {row['syncs']:5d} ({row['syncs_per_step']:.1f}/step) {row['by_owner']}")
     finally:
         restore_folders(env)
-    return {"config": cfg.__dict__, "rows": rows}
+    return {"config": dataclasses.asdict(cfg), "torch": torch.__version__, "rows": rows}
+
+
+def markdown(res: Dict) -> str:
+    c = res["config"]
+    rows = res["rows"]
+    how = rows[0]["counted"] if rows else "?"
+    lines = [f"Synchronisations per row ({how}): batch {c['batch']}, {c['steps']} Heun steps of the 32-step karras "
+             f"schedule, EDM2 {c['main']} guided by {c['guide']}, torch {res['torch']}.", "",
+             "| row | syncs | per step | pack | ComfyUI | torch | uploads | lines that synchronised most |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in rows:
+        o = r["by_owner"]
+        top = ", ".join(f"`{k}` {v}" for k, v in list(r["top"].items())[:5])
+        lines.append(f"| {r['row']} | {r['syncs']} | {r['syncs_per_step']:.2f} | {o.get('pack', 0)} | "
+                     f"{o.get('comfyui', 0)} | {o.get('torch', 0)} | {r.get('uploads', '—')} | {top} |")
+    return "\n".join(lines) + "\n"
