@@ -11,7 +11,9 @@ determinism does not depend on the state of this process (caches, generators, ea
 "Same seed" means the same configuration, torch's intra-op thread count included: float32 results
 of small batches differ in the last bits between 1 and 2 threads (see ``fresh``); bfloat16 and the
 16-row batches do not here. So does torch's reduced-precision SDPA flag, which ComfyUI's import
-sets (bf16 results change with it).
+sets (bf16 results change with it). Gradient guidance of one image is not bit-reproducible on 2
+threads even within one process (CPU gradient kernels: runs of the same seed differ by up to about
+6e-6, measured; none on 1 thread), so the one-image CG cases run on 1 thread.
 """
 import dataclasses
 import functools
@@ -72,7 +74,15 @@ def per_row_classes(n: int) -> torch.Tensor:
 
 def run(dtype: str, case: str, seed: int, n: int = 1):
     """One headless sampling run of ``case`` (the bench's settings, but STEPS steps): ``n`` rows
-    with per-row desired classes (a tensor, also for n = 1)."""
+    with per-row desired classes (a tensor, also for n = 1); one-image gradient guidance on 1 thread
+    (see the module's docstring)."""
+    if CASES[case][0] in CG_METHODS and n == 1 and torch.get_num_threads() != 1:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return run(dtype, case, seed, n)
+        finally:
+            torch.set_num_threads(threads)
     method, mode, reference_mode = CASES[case]
     st = Settings(steps=STEPS, mode=mode, dtype=dtype, cg=CGConfig(scale=CG_SCALE),
                   gfcg=GFCGConfig(desired_class=0, reference_mode=reference_mode))
