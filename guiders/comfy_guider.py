@@ -37,14 +37,6 @@ from .references import TextReference
 log = logging.getLogger("comfyui_gfcg")
 
 
-def _groups_of(classes: torch.Tensor) -> list:
-    """A reference branch's rows by class, classes ascending: (class, positions in the branch on the
-    device, None), from one host read (for branches that do not carry their decision's groups)."""
-    order = torch.argsort(classes, stable=True)
-    ks, ns = torch.stack(torch.unique_consecutive(classes[order], return_counts=True)).tolist()   # the one read
-    return [(k, sel, None) for k, sel in zip(ks, order.split(ns))]
-
-
 # the arguments of CFGGuider.inner_sample that every supported ComfyUI passes (v0.3.64's list)
 _INNER_SAMPLE_ARGS = ("noise", "latent_image", "device", "sampler", "sigmas", "denoise_mask", "callback",
                       "disable_pbar", "seed")
@@ -187,12 +179,11 @@ class GFCGGuider(comfy.samplers.CFGGuider):
                 slots.append((bi, None))
                 host.append(br.host_rows)
                 continue
-            # one entry per reference class: from the decision's groups (read with the decision), else one read
-            groups = br.groups if br.groups is not None else _groups_of(br.classes)
-            for k, sel, sel_host in groups:
+            # one entry per reference class: the decision's groups (known with its one read)
+            for k, sel, sel_host in br.groups:
                 entries.append((self._reference_cond(which, k), br.rows[sel], 0))
                 slots.append((bi, sel))
-                host.append(None if br.host_rows is None or sel_host is None else [br.host_rows[i] for i in sel_host])
+                host.append([br.host_rows[i] for i in sel_host])
         outs = batched_forward(model, entries, x, t, model_options, host_rows=host)
         result: List[Optional[torch.Tensor]] = [None] * len(branches)
         for (bi, sel), o in zip(slots, outs):

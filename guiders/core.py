@@ -11,6 +11,7 @@ are the paper's and which are this project's reading is stated in the README ("T
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -41,7 +42,7 @@ def gfcg_scale(p_des: torch.Tensor, tau: float, alpha: float, beta: float) -> to
     0 extra guidance at the threshold, growing to alpha as p_des -> 0 (beta shapes the ramp).
     """
     conf = confused_mask(p_des, tau)
-    ratio = (1.0 - p_des.float() / tau).clamp(min=0.0) if tau > 0 else torch.zeros_like(p_des, dtype=torch.float32)
+    ratio = (1.0 - p_des.float() / tau).clamp(min=0.0)
     return torch.where(conf, 1.0 + alpha * ratio.pow(beta), torch.ones_like(ratio))   # no host read
 
 
@@ -86,6 +87,7 @@ class Decision:
         d = cls(omega=torch.ones(batch, device=device), reference=torch.zeros(batch, dtype=torch.long, device=device),
                 confused=torch.zeros(batch, dtype=torch.bool, device=device), p_des=torch.ones(batch, device=device))
         d.__dict__["_host"] = ([1.0] * batch, [1.0] * batch, [-1] * batch)
+        d.__dict__["_rows_host"] = ([], list(range(batch)))
         d.__dict__["_split"] = (torch.zeros(0, dtype=torch.long, device=device), torch.arange(batch, device=device))
         return d
 
@@ -120,14 +122,22 @@ class Decision:
     def confident_rows(self) -> torch.Tensor:
         return self._rows()[1]
 
+    def _host_rows(self) -> Tuple[List[int], List[int]]:
+        cached = self.__dict__.get("_rows_host")
+        if cached is None:
+            ref = self.host()[2]
+            cached = self.__dict__["_rows_host"] = ([i for i, r in enumerate(ref) if r >= 0],
+                                                    [i for i, r in enumerate(ref) if r < 0])
+        return cached
+
     @property
     def confused_rows_host(self) -> List[int]:
         """The confused rows, ascending, as a Python list (what :attr:`confused_rows` holds)."""
-        return [i for i, r in enumerate(self.host()[2]) if r >= 0]
+        return self._host_rows()[0]
 
     @property
     def confident_rows_host(self) -> List[int]:
-        return [i for i, r in enumerate(self.host()[2]) if r < 0]
+        return self._host_rows()[1]
 
     def reference_groups(self) -> List[Tuple[int, torch.Tensor, List[int]]]:
         """The confused rows grouped by reference class, classes ascending: (class, positions within
@@ -137,20 +147,11 @@ class Decision:
         if cached is None:
             ref = self.host()[2]
             classes = [ref[i] for i in self.confused_rows_host]
-            host_order = sorted(range(len(classes)), key=classes.__getitem__)   # stable, as the device's sort
-            ks, sizes = [], []
-            for pos in host_order:
-                if ks and ks[-1] == classes[pos]:
-                    sizes[-1] += 1
-                else:
-                    ks.append(classes[pos])
-                    sizes.append(1)
-            order = torch.argsort(self.reference[self.confused_rows], stable=True) if classes else None
-            cached, start = [], 0
-            for k, n, sel in zip(ks, sizes, order.split(sizes) if classes else ()):
-                cached.append((k, sel, host_order[start:start + n]))
-                start += n
-            self.__dict__["_groups"] = cached
+            by_class = sorted(range(len(classes)), key=classes.__getitem__)   # stable, as the device's sort
+            host = [(k, list(g)) for k, g in itertools.groupby(by_class, key=classes.__getitem__)]
+            order = torch.argsort(self.reference[self.confused_rows], stable=True)
+            device = order.split([len(g) for _, g in host]) if host else ()
+            cached = self.__dict__["_groups"] = [(k, sel, g) for (k, g), sel in zip(host, device)]
         return cached
 
 

@@ -23,15 +23,14 @@ of numbers). Placed on a CUDA device, each is a synchronous host-to-device copy 
 It cannot tell a tensor that would live on the host in a GPU run (a CPU tensor built from Python
 numbers) from one that would live on the device, so reads of host-side tensors count too; the
 callers that matter read device tensors. Each read is charged to the innermost Python line
-outside torch's dispatch machinery and this module (the line ``set_sync_debug_mode`` would name),
-and to the innermost line of the pack's own code, if any.
+outside torch's dispatch machinery and this module (the line ``set_sync_debug_mode`` would name).
 """
 from __future__ import annotations
 
 import collections
 import os
 import sys
-from typing import Counter, Optional, Tuple
+from typing import Counter, Tuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -72,6 +71,21 @@ def owner(filename: str) -> str:
     return "other"
 
 
+def by_owner(lines) -> dict:
+    """Counts per ``(file, line)`` summed by the lines' owner (:func:`owner`)."""
+    out: Counter[str] = collections.Counter()
+    for (f, _), n in lines.items():
+        out[owner(f)] += n
+    return dict(out)
+
+
+def top_lines(lines, n: int = 10) -> dict:
+    """The ``n`` lines counted most, as ``file:line`` (the pack's files relative to the pack)."""
+    def name(f):
+        return os.path.relpath(f, PACK_ROOT) if is_pack_file(f) else os.path.basename(f)
+    return {f"{name(f)}:{ln}": c for (f, ln), c in lines.most_common(n)}
+
+
 def _is_read(func, args, kwargs) -> bool:
     if func in _SCALAR_OPS or func in _SIZE_OPS:
         return True
@@ -85,12 +99,11 @@ def _is_read(func, args, kwargs) -> bool:
 
 class HostReads(TorchDispatchMode):
     """Counts host reads (see the module) while active; ``lines`` maps ``(file, line)`` of the
-    innermost caller to a count, ``pack_lines`` the innermost pack line (None outside the pack)."""
+    innermost caller to a count, ``uploads`` the same for uploads."""
 
     def __init__(self):
         super().__init__()
         self.lines: Counter[Tuple[str, int]] = collections.Counter()
-        self.pack_lines: Counter[Optional[Tuple[str, int]]] = collections.Counter()
         self.uploads: Counter[Tuple[str, int]] = collections.Counter()   # innermost line of each upload
         self._wrapped = []
 
@@ -99,33 +112,15 @@ class HostReads(TorchDispatchMode):
         return sum(self.lines.values())
 
     def by_owner(self) -> dict:
-        out: Counter[str] = collections.Counter()
-        for (f, _), n in self.lines.items():
-            out[owner(f)] += n
-        return dict(out)
-
-    def pack_total(self) -> int:
-        """Reads made by the pack's code, directly or through a library call it made."""
-        return sum(n for k, n in self.pack_lines.items() if k is not None)
+        return by_owner(self.lines)
 
     def _charge(self, upload: bool = False) -> None:
         frame = sys._getframe(2)
-        inner = None
-        pack = None
-        while frame is not None:
-            f = os.path.abspath(frame.f_code.co_filename)
-            if f != _HERE and not any(m in f for m in _MACHINERY):
-                if inner is None:
-                    inner = (f, frame.f_lineno)
-                if is_pack_file(f):
-                    pack = (f, frame.f_lineno)
-                    break
+        while frame is not None and (os.path.abspath(frame.f_code.co_filename) == _HERE
+                                     or any(m in frame.f_code.co_filename for m in _MACHINERY)):
             frame = frame.f_back
-        if upload:
-            self.uploads[inner or ("?", 0)] += 1
-            return
-        self.lines[inner or ("?", 0)] += 1
-        self.pack_lines[pack] += 1
+        where = (os.path.abspath(frame.f_code.co_filename), frame.f_lineno) if frame is not None else ("?", 0)
+        (self.uploads if upload else self.lines)[where] += 1
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -156,7 +151,5 @@ class HostReads(TorchDispatchMode):
             self._wrapped = []
 
     def top(self, n: int = 10, uploads: bool = False) -> dict:
-        """The ``n`` lines that read (or upload) most, as ``file:line`` (pack files relative to the pack)."""
-        def name(f):
-            return os.path.relpath(f, PACK_ROOT) if is_pack_file(f) else os.path.basename(f)
-        return {f"{name(f)}:{ln}": c for (f, ln), c in (self.uploads if uploads else self.lines).most_common(n)}
+        """The ``n`` lines that read (or upload) most (:func:`top_lines`)."""
+        return top_lines(self.uploads if uploads else self.lines, n)

@@ -19,7 +19,7 @@ from typing import Dict
 
 import torch
 
-from .host_reads import HostReads, owner
+from .host_reads import HostReads, by_owner, top_lines
 from .perf_latent import ROWS, LatentPerfConfig, build, restore_folders, run_row
 
 
@@ -51,18 +51,12 @@ def count_row(env, label: str, cfg: LatentPerfConfig) -> Dict:
     cuda = torch.cuda.is_available() and env["main"].load_device.type == "cuda"
     got = (_cuda_count if cuda else _cpu_count)(env, label, cfg)
     lines, r = got["lines"], got["r"]
-    by_owner: collections.Counter = collections.Counter()
-    for (f, _), n in lines.items():
-        by_owner[owner(f)] += n
     total = sum(lines.values())
-    view = HostReads()
-    view.lines = lines
     row = {"row": label, "counted": "cuda sync debug mode" if cuda else "cpu host reads", "syncs": total,
-           "syncs_per_step": total / cfg.steps, "by_owner": dict(by_owner), "top": view.top(10),
+           "syncs_per_step": total / cfg.steps, "by_owner": by_owner(lines), "top": top_lines(lines, 10),
            "nfe": r["nfe"], "classifier_rows_per_image": r["classifier_rows_per_image"]}
     if got["uploads"] is not None:
-        view.lines = got["uploads"]
-        row.update(uploads=sum(got["uploads"].values()), top_uploads=view.top(5))
+        row.update(uploads=sum(got["uploads"].values()), top_uploads=top_lines(got["uploads"], 5))
     return row
 
 
