@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -132,6 +133,19 @@ def restore_folders(env) -> None:
             fp.filename_list_cache.pop("vae_approx", None)
 
 
+def close(env) -> None:
+    """The user's vae_approx paths back, without the setting's two temporary folders, which are
+    deleted (``build`` made them)."""
+    restore_folders(env)
+    fp = env["folder_paths"]
+    paths = fp.folder_names_and_paths["vae_approx"][0]
+    paths[:] = [p for p in paths if p not in (env["taesd_dir"], env["empty_dir"])]
+    if hasattr(fp, "filename_list_cache"):
+        fp.filename_list_cache.pop("vae_approx", None)
+    for d in (env["taesd_dir"], env["empty_dir"]):
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def guider(env, settings: dict):
     from ..guiders.comfy_decode import _told
     from ..guiders.comfy_guider import GFCGGuider
@@ -187,13 +201,10 @@ def run(cfg: LatentPerfConfig, progress=print) -> dict:
     env = build(cfg)
     labels = [r[0] for r in ROWS]
     small = dataclasses.replace(cfg, batch=1, steps=1)
+    runs: Dict[str, List[dict]] = {label: [] for label in labels}
     try:
         for label in labels:                       # warm-up of every path
             run_row(env, label, small)
-    finally:
-        restore_folders(env)
-    runs: Dict[str, List[dict]] = {label: [] for label in labels}
-    try:
         for rep in range(cfg.reps):
             for label in labels:
                 r = run_row(env, label, cfg)
@@ -201,7 +212,7 @@ def run(cfg: LatentPerfConfig, progress=print) -> dict:
                 progress(f"latent rep {rep + 1}/{cfg.reps} {label:<48} {r['seconds']:7.1f} s  NFE {r['nfe']:.1f}  "
                          f"classifier rows {r['classifier_rows_per_image']:.1f} ({r['decoder']})")
     finally:
-        restore_folders(env)
+        close(env)
     rows = []
     for label in labels:
         rs = runs[label]

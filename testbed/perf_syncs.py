@@ -20,7 +20,7 @@ from typing import Dict
 import torch
 
 from .host_reads import HostReads, by_owner, top_lines
-from .perf_latent import ROWS, LatentPerfConfig, build, restore_folders, run_row
+from .perf_latent import ROWS, LatentPerfConfig, build, close, run_row
 
 
 def _cuda_count(env, label: str, cfg: LatentPerfConfig) -> Dict:
@@ -71,7 +71,7 @@ def run(cfg: LatentPerfConfig, progress=print) -> Dict:
             rows.append(row)
             progress(f"syncs {label:<48} {row['syncs']:5d} ({row['syncs_per_step']:.1f}/step) {row['by_owner']}")
     finally:
-        restore_folders(env)
+        close(env)
     return {"config": dataclasses.asdict(cfg), "torch": torch.__version__, "rows": rows}
 
 

@@ -69,7 +69,7 @@ def test_shipped_gfcg_atg_reads_once_per_decision_beyond_autoguidance(env):
                 counts.append((pack, h.total - pack, h.top(20)))
             marginal[label] = (counts[1][0] - counts[0][0], counts[1][1] - counts[0][1], counts[1][2])
     finally:
-        L.restore_folders(e)
+        L.close(e)
     pack_atg, other_atg, top = marginal["ATG"]
     assert pack_atg == 4, top            # the sigma of each evaluation, as ComfyUI's own sampler reads it
     for label in ("GFCG+ATG shipped, TAESD present", "GFCG+ATG shipped, no TAESD (full VAE)"):
