@@ -114,6 +114,12 @@ def build(cfg: LatentPerfConfig) -> dict:
             "empty_dir": empty_dir, "positive": class_label_conditioning([207]), "folder_paths": folder_paths}
 
 
+def _forget_listing(fp) -> None:
+    """ComfyUI lists vae_approx anew at its next lookup (its file-list cache dropped)."""
+    if hasattr(fp, "filename_list_cache"):
+        fp.filename_list_cache.pop("vae_approx", None)
+
+
 def _taesd_present(env, present: bool) -> None:
     """ComfyUI's vae_approx paths for a row: only the benchmark's TAESD folder, or only an empty
     one (decode = auto looks there); ``restore_folders`` puts the user's paths back."""
@@ -121,16 +127,14 @@ def _taesd_present(env, present: bool) -> None:
     paths = fp.folder_names_and_paths["vae_approx"][0]
     env.setdefault("vae_approx_paths", list(paths))
     paths[:] = [env["taesd_dir"] if present else env["empty_dir"]]
-    if hasattr(fp, "filename_list_cache"):
-        fp.filename_list_cache.pop("vae_approx", None)
+    _forget_listing(fp)
 
 
 def restore_folders(env) -> None:
     if "vae_approx_paths" in env:
         fp = env["folder_paths"]
         fp.folder_names_and_paths["vae_approx"][0][:] = env.pop("vae_approx_paths")
-        if hasattr(fp, "filename_list_cache"):
-            fp.filename_list_cache.pop("vae_approx", None)
+        _forget_listing(fp)
 
 
 def close(env) -> None:
@@ -140,8 +144,7 @@ def close(env) -> None:
     fp = env["folder_paths"]
     paths = fp.folder_names_and_paths["vae_approx"][0]
     paths[:] = [p for p in paths if p not in (env["taesd_dir"], env["empty_dir"])]
-    if hasattr(fp, "filename_list_cache"):
-        fp.filename_list_cache.pop("vae_approx", None)
+    _forget_listing(fp)
     for d in (env["taesd_dir"], env["empty_dir"]):
         shutil.rmtree(d, ignore_errors=True)
 
